@@ -1,0 +1,87 @@
+r"""Times the full jitted cohort train step (augment, K forwards, method loss, backward, SGD).
+
+    python benchmarks/cohort_step.py --arch resnet32 --peers 2 --batch 128 --method mcl \
+        --strategy auto --steps 10
+
+Prints one JSON line with "step_ms_median", "step_ms_min", "compile_s" and the setup. The batch is
+a fixed random CIFAR-shaped batch (32x32x3, 100 classes) so no input pipeline is timed, matching
+../shared/bench/torch_mcl_step.py.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mcl_jax import cohort as cohort_lib, config_lib, methods, optim, step as step_lib
+
+
+def build_step(arch, peers, method, strategy, batch, fast_path=True, num_classes=100):
+  config = config_lib.base_config()
+  config.model.arch, config.cohort.num_peers, config.cohort.strategy = arch, peers, strategy
+  config.method.name = method
+  config.optim.lr = 0.05
+  cohort = cohort_lib.build_cohort(config.model, config.cohort, num_classes)
+  meth = methods.get_method(config.method)
+  tx, schedule = optim.make_optimizer(config.optim, total_steps=10_000, steps_per_epoch=390)
+  aug = config_lib.ml_collections.ConfigDict(dict(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
+                                                  crop_padding=4, flip=True))
+  sample = jnp.zeros((1, 32, 32, 3), jnp.float32)
+  state = step_lib.create_state(cohort, meth, tx, jax.random.key(0), sample, 50_000)
+  train_step = jax.jit(step_lib.make_train_step(cohort, meth, tx, schedule, aug, seed=0),
+                       donate_argnums=0,
+                       compiler_options=step_lib.compiler_options(enabled=fast_path))
+  rng = np.random.default_rng(0)
+  data = {'image': jnp.asarray(rng.integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8)),
+          'label': jnp.asarray(rng.integers(0, num_classes, (batch,), dtype=np.int32))}
+  return cohort, state, train_step, data
+
+
+def time_step(train_step, state, data, steps: int, warmup: int = 2):
+  t0 = time.perf_counter()
+  state, metrics = train_step(state, data)
+  jax.block_until_ready(metrics)
+  compile_s = time.perf_counter() - t0
+  for _ in range(warmup):
+    state, metrics = train_step(state, data)
+  jax.block_until_ready(state)
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    state, metrics = train_step(state, data)
+    jax.block_until_ready(state)
+    times.append((time.perf_counter() - t0) * 1e3)
+  return compile_s, times, state
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  ap.add_argument('--arch', default='resnet32')
+  ap.add_argument('--peers', type=int, default=2)
+  ap.add_argument('--batch', type=int, default=128)
+  ap.add_argument('--method', default='independent')
+  ap.add_argument('--strategy', default='auto', choices=cohort_lib.STRATEGIES)
+  ap.add_argument('--steps', type=int, default=10)
+  ap.add_argument('--warmup', type=int, default=2)
+  ap.add_argument('--no-fast-path', action='store_true',
+                  help='compile without the XLA:CPU option of mcl_jax.step.CPU_COMPILER_OPTIONS')
+  args = ap.parse_args(argv)
+  cohort, state, train_step, data = build_step(args.arch, args.peers, args.method, args.strategy,
+                                               args.batch, fast_path=not args.no_fast_path)
+  compile_s, times, _ = time_step(train_step, state, data, args.steps, args.warmup)
+  print(json.dumps({
+      'arch': args.arch, 'peers': args.peers, 'batch': args.batch, 'method': args.method,
+      'strategy': args.strategy, 'resolved_strategy': cohort.strategy,
+      'backend': jax.default_backend(), 'fast_path': not args.no_fast_path,
+      'step_ms_median': round(statistics.median(times), 1), 'step_ms_min': round(min(times), 1),
+      'compile_s': round(compile_s, 1), 'steps': args.steps,
+      'img_per_s': round(args.batch * 1e3 / statistics.median(times), 1)}))
+
+
+if __name__ == '__main__':
+  main()

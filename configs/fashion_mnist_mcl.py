@@ -1,0 +1,32 @@
+r"""Quick start: a cohort of two peers on the embedded Fashion-MNIST subset (20k train, 10k test).
+
+    python -m mcl_jax.main --config configs/fashion_mnist_mcl.py --workdir /tmp/fmnist_mcl
+
+Arguments (`--config configs/fashion_mnist_mcl.py:method=dml,peers=2`): method, arch, peers,
+epochs, smoke. Expected (measured on the 2-core CPU, see README): see README's results table.
+"""
+from mcl_jax import config_lib
+
+
+def get_config(arg=None):
+  args = config_lib.parse_arg(arg, method='independent', arch='resnet8', peers=2, epochs=10.0,
+                              smoke=False)
+  c = config_lib.base_config()
+  c.data.name = 'fashion_mnist'
+  c.data.crop_padding = 2
+  c.data.flip = True
+  c.model.arch = args['arch']
+  c.cohort.num_peers = args['peers']
+  c.method.name = args['method']
+  c.total_epochs = args['epochs']
+  c.batch_size = 128
+  c.optim.lr = 0.1
+  c.optim.weight_decay = 5e-4
+  c.optim.schedule = 'cosine'
+  c.optim.per_epoch = False
+  c.log_every_steps = 50
+  c.ckpt_every_steps = 500
+  c.eval_every_steps = -1
+  if args['smoke']:
+    config_lib.apply_smoke(c)
+  return c

@@ -1,0 +1,134 @@
+"""K peer networks as one pytree with a leading peer axis, and how to apply them.
+
+A cohort is a tuple of *groups*; each group is K_g peers of one architecture whose variables are
+stacked along axis 0 (`params[g]` leaves are `[K_g, ...]`). A homogeneous cohort is one group; a
+heterogeneous one (e.g. ResNet-32 + WRN-16-2) is several. Outputs are concatenated over groups where
+shapes agree (logits `[K, B, C]`) and kept per group where they do not (features `[K_g, B, d_g]`).
+
+How the peers of a group are applied is a strategy, chosen in one place (`apply_group`):
+- `vmap`:   `jax.vmap` over the stacked variables (the textbook form; on GPU/TPU the K convolutions
+            become one batched/grouped convolution).
+- `unroll`: the K_g peers applied one after another inside the same jit (XLA:CPU runs grouped
+            convolutions far slower than K plain ones; see BENCHMARKS.md).
+- `auto`:   the measured-fastest per backend (`AUTO_STRATEGY`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+STRATEGIES = ('auto', 'vmap', 'unroll')
+
+# Fastest strategy per backend, from benchmarks/cohort_step.py (BENCHMARKS.md). Backends not listed
+# use vmap: batching the peers is what accelerators are good at.
+AUTO_STRATEGY = {'cpu': 'unroll'}
+
+
+def resolve_strategy(strategy: str, backend: str | None = None) -> str:
+  if strategy not in STRATEGIES:
+    raise ValueError(f'cohort.strategy={strategy!r} is not one of {STRATEGIES}.')
+  if strategy != 'auto':
+    return strategy
+  return AUTO_STRATEGY.get(backend or jax.default_backend(), 'vmap')
+
+
+def peer_slice(tree, k: int):
+  return jax.tree.map(lambda leaf: leaf[k], tree)
+
+
+def stack_trees(trees: Sequence[Any]):
+  return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
+
+
+@dataclasses.dataclass(frozen=True)
+class PeerGroup:
+  """`num_peers` peers of one architecture."""
+  model: nn.Module
+  num_peers: int
+  arch: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Cohort:
+  """A cohort of peer networks. Pure: holds no variables, only how to make and apply them."""
+  groups: tuple[PeerGroup, ...]
+  strategy: str  # resolved: 'vmap' or 'unroll'
+
+  @property
+  def num_peers(self) -> int:
+    return sum(g.num_peers for g in self.groups)
+
+  @property
+  def feature_dims(self) -> tuple[int, ...]:
+    return tuple(g.model.feature_dim for g in self.groups)
+
+  def init(self, rng, sample_images):
+    """Independently initialised peers. Returns (params, batch_stats), tuples over groups."""
+    params, batch_stats = [], []
+    for g, group in enumerate(self.groups):
+      keys = jax.random.split(jax.random.fold_in(rng, g), group.num_peers)
+      variables = jax.vmap(lambda key: group.model.init(key, sample_images, train=False))(keys)
+      params.append(variables['params'])
+      batch_stats.append(variables.get('batch_stats', {}))
+    return tuple(params), tuple(batch_stats)
+
+  def apply(self, params, batch_stats, images, *, train: bool):
+    """Applies every peer to the same images.
+
+    Args:
+      params, batch_stats: tuples over groups of stacked variables (`[K_g, ...]` leaves).
+      images: `[B, H, W, C]`, shared by all peers.
+    Returns:
+      (outputs, new_batch_stats): outputs is a dict with 'logits' `[K, B, C]` (groups concatenated
+      in order) and 'groups', a tuple of the per-group model outputs with leading `[K_g]` axes
+      ('feature' `[K_g, B, d_g]`, 'stages', ...). new_batch_stats is batch_stats when not training.
+    """
+    group_outputs, new_stats = [], []
+    for group, p, bs in zip(self.groups, params, batch_stats):
+      out, stats = apply_group(group.model, p, bs, images, train=train, strategy=self.strategy)
+      group_outputs.append(out)
+      new_stats.append(stats)
+    logits = jnp.concatenate([o['logits'] for o in group_outputs], axis=0)
+    return {'logits': logits, 'groups': tuple(group_outputs)}, tuple(new_stats)
+
+
+def apply_group(model: nn.Module, params, batch_stats, images, *, train: bool, strategy: str):
+  """Applies K_g stacked peers of one architecture. Returns (outputs `[K_g, ...]`, batch_stats)."""
+
+  def apply_one(p, bs):
+    variables = {'params': p, 'batch_stats': bs}
+    if train:
+      out, updates = model.apply(variables, images, train=True, mutable=['batch_stats'])
+      return out, updates['batch_stats']
+    return model.apply(variables, images, train=False), bs
+
+  if strategy == 'vmap':
+    return jax.vmap(apply_one)(params, batch_stats)
+  if strategy == 'unroll':
+    num_peers = jax.tree.leaves(params)[0].shape[0]
+    per_peer = [apply_one(peer_slice(params, k), peer_slice(batch_stats, k))
+                for k in range(num_peers)]
+    return stack_trees(per_peer)
+  raise ValueError(f'unresolved cohort strategy {strategy!r}')
+
+
+def build_cohort(model_config, cohort_config, num_classes: int, backend: str | None = None):
+  """Cohort from config: `model.arch` × `cohort.num_peers`, or `model.archs` (one peer each,
+  consecutive equal archs grouped) for heterogeneous cohorts."""
+  from mcl_jax import models  # local: keeps cohort importable without the model zoo
+
+  archs = list(model_config.get('archs') or [])
+  if not archs:
+    archs = [model_config.arch] * cohort_config.num_peers
+  dtype = jnp.bfloat16 if model_config.get('dtype', 'float32') == 'bfloat16' else jnp.float32
+  groups: list[PeerGroup] = []
+  for arch in archs:
+    if groups and groups[-1].arch == arch:
+      groups[-1] = dataclasses.replace(groups[-1], num_peers=groups[-1].num_peers + 1)
+    else:
+      groups.append(PeerGroup(models.get_model(arch, num_classes, dtype=dtype), 1, arch))
+  return Cohort(tuple(groups), resolve_strategy(cohort_config.strategy, backend))

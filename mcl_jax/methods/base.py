@@ -1,0 +1,69 @@
+"""What a training method is: a small object owning its loss terms, extra parameters and state.
+
+The trainer (mcl_jax/train.py) is method-agnostic: it applies the cohort, hands the outputs to
+`Method.loss`, differentiates w.r.t. the peers' and the method's parameters, and logs every term
+as `train/<term>`. A new method slots in by subclassing `Method` and registering it in
+`mcl_jax.methods.get_method`; the loop is not touched.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mcl_jax import losses
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """Base class. Subclasses override `loss` and, when they have any, `init`."""
+  config: Any  # the `method` ConfigDict
+
+  # Wants the class-balanced batch sampler (MCL on CIFAR: m images per class in every batch).
+  class_balanced = False
+
+  def init(self, rng, cohort, num_train_examples: int):
+    """Returns (params, state): trainable extra parameters (e.g. embedding heads), optimised
+    together with the peers, and non-trainable state (e.g. memory banks)."""
+    del rng, cohort, num_train_examples
+    return {}, {}
+
+  def loss(self, params, state, outputs, labels, *, rng, step):
+    """Returns (total loss, {term name: unweighted scalar}, new state)."""
+    raise NotImplementedError
+
+
+def ordered_pairs(num_peers: int) -> tuple[np.ndarray, np.ndarray]:
+  """Index arrays (k, l) of all ordered peer pairs k != l, [K(K-1)] each."""
+  k, l = np.nonzero(~np.eye(num_peers, dtype=bool))
+  return k, l
+
+
+class Independent(Method):
+  """K peers trained side by side with no interaction: sum_k CE_k (the baseline)."""
+
+  def loss(self, params, state, outputs, labels, *, rng, step):
+    ce = losses.ce_loss(outputs['logits'], labels)
+    return ce, {'ce': ce}, state
+
+
+class DML(Method):
+  """Deep mutual learning: CE_k + mean over l != k of T^2 KL(p_l^T || p_k^T), targets stop-gradient.
+
+  All K(K-1) ordered pairs are computed at once; `kd_T` is the temperature.
+  """
+
+  def loss(self, params, state, outputs, labels, *, rng, step):
+    logits = outputs['logits']
+    num_peers = logits.shape[0]
+    ce = losses.ce_loss(logits, labels)
+    if num_peers == 1:
+      return ce, {'ce': ce, 'dml': jnp.zeros(())}, state
+    k, l = ordered_pairs(num_peers)
+    pair_kl = jax.vmap(lambda s, t: losses.soft_kl(s, t, self.config.kd_T))(logits[k], logits[l])
+    dml = jnp.sum(pair_kl) / (num_peers - 1)
+    return ce + self.config.get('dml_weight', 1.0) * dml, {'ce': ce, 'dml': dml}, state
+

@@ -1,0 +1,123 @@
+"""The jitted train and eval steps: one XLA program for the whole cohort.
+
+`make_train_step` returns `train_step(state, batch) -> (state, metrics)`: on-device augmentation
+keyed by `fold_in(seed, step)`, all peers forward (cohort strategy), the method's loss, one
+`jax.value_and_grad` over peers + method parameters, one optax update. The state is donated.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from mcl_jax import augment
+
+# XLA:CPU fuses the residual BN/add/ReLU chains into the transposes feeding weight-gradient convs
+# and recomputes them there; routing elementwise ops and reductions through YNNPACK materialises
+# them instead (~1.7x on a ResNet-32 step; ../shared/specs/perf-notes.md, BENCHMARKS.md).
+CPU_COMPILER_OPTIONS = {
+    'xla_cpu_experimental_ynn_fusion_type':
+        'LIBRARY_FUSION_TYPE_ELTWISE,LIBRARY_FUSION_TYPE_REDUCE',
+}
+
+
+@functools.cache
+def compiler_options(backend: str | None = None, enabled: bool = True) -> dict | None:
+  """Backend-specific compile options, or None. The CPU option is experimental and
+  version-specific: it is probed once and dropped if this jaxlib does not know it."""
+  if not enabled or (backend or jax.default_backend()) != 'cpu':
+    return None
+  try:
+    jax.jit(lambda x: x + 1, compiler_options=CPU_COMPILER_OPTIONS).lower(1.0).compile()
+  except Exception:  # pylint: disable=broad-except  # JaxRuntimeError: "No such compile option"
+    return None
+  return CPU_COMPILER_OPTIONS
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during training; a pytree with leading peer axes inside `params`."""
+  step: jax.Array          # int32 scalar, number of updates done
+  params: Any              # {'peers': tuple over groups of stacked params, 'method': ...}
+  batch_stats: Any         # tuple over groups of stacked BatchNorm statistics
+  opt_state: Any
+  method_state: Any        # non-trainable method state (memory banks, meta weights, ...)
+
+
+def create_state(cohort, method, tx, rng, sample_images, num_train_examples) -> TrainState:
+  """A fresh state. Pure, so it can be run under `jax.eval_shape` or `jax.jit(out_shardings=...)`."""
+  peer_rng, method_rng = jax.random.split(rng)
+  peer_params, batch_stats = cohort.init(peer_rng, sample_images)
+  method_params, method_state = method.init(method_rng, cohort, num_train_examples)
+  params = {'peers': peer_params, 'method': method_params}
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                    opt_state=tx.init(params), method_state=method_state)
+
+
+def make_train_step(cohort, method, tx, schedule, data_config, seed: int):
+  """Returns the un-jitted `train_step(state, batch) -> (new_state, metrics)`.
+
+  batch: {'image': uint8 [B, H, W, C], 'label': int32 [B]}. metrics: scalars `loss`, one per
+  method term, `lr`, and `finite` (whether every term was finite; the loop stops on False).
+  """
+  base_key = jax.random.key(seed)
+  mean, std = tuple(data_config.mean), tuple(data_config.std)
+
+  def train_step(state: TrainState, batch):
+    step_key = jax.random.fold_in(base_key, state.step)
+    augment_key, method_key = jax.random.split(step_key)
+    images = augment.augment_batch(batch['image'], augment_key, mean=mean, std=std,
+                                   pad=data_config.crop_padding, flip=data_config.flip)
+    labels = batch['label']
+
+    def loss_fn(params):
+      outputs, new_batch_stats = cohort.apply(params['peers'], state.batch_stats, images,
+                                              train=True)
+      loss, terms, new_method_state = method.loss(
+          params['method'], state.method_state, outputs, labels, rng=method_key, step=state.step)
+      return loss, (terms, new_batch_stats, new_method_state)
+
+    (loss, (terms, new_batch_stats, new_method_state)), grads = (
+        jax.value_and_grad(loss_fn, has_aux=True)(state.params))
+    updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    metrics = {'loss': loss, **terms, 'lr': schedule(state.step)}
+    metrics['finite'] = jnp.all(jnp.stack([jnp.isfinite(v) for v in jax.tree.leaves(metrics)]))
+    new_state = state.replace(step=state.step + 1, params=new_params,
+                              batch_stats=new_batch_stats, opt_state=new_opt_state,
+                              method_state=new_method_state)
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(cohort, data_config):
+  """Returns `eval_step(params, batch_stats, batch) -> counts`.
+
+  batch: {'image': uint8, 'label': int32, 'mask': bool [B]} (mask pads the last batch).
+  counts: per-peer correct top-1 / top-5 `[K]`, ensemble (mean logits) correct top-1, and the
+  number of valid examples; summed over batches by the caller.
+  """
+  mean, std = tuple(data_config.mean), tuple(data_config.std)
+
+  def eval_step(peer_params, batch_stats, batch):
+    images = augment.normalize(batch['image'], mean, std)
+    outputs, _ = cohort.apply(peer_params, batch_stats, images, train=False)
+    logits = outputs['logits'].astype(jnp.float32)            # [K, B, C]
+    labels, mask = batch['label'], batch['mask'].astype(jnp.int32)
+    top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]  # [K, B, 5]
+    hit5 = jnp.any(top5 == labels[None, :, None], axis=-1)
+    hit1 = jnp.argmax(logits, axis=-1) == labels[None]
+    ensemble_hit1 = jnp.argmax(jnp.mean(logits, axis=0), axis=-1) == labels
+    return {
+        'top1': jnp.sum(hit1 * mask, axis=1),
+        'top5': jnp.sum(hit5 * mask, axis=1),
+        'ensemble_top1': jnp.sum(ensemble_hit1 * mask),
+        'count': jnp.sum(mask),
+    }
+
+  return eval_step

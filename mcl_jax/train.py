@@ -1,0 +1,270 @@
+"""THE training loop, top to bottom: config -> data -> cohort/method -> state (init or resume) ->
+jitted step -> log / eval / checkpoint.
+
+One jitted program per train step for the whole cohort; the host only picks batch indices (a pure
+function of seed and step), dispatches asynchronously, and syncs at log, eval and checkpoint points.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from mcl_jax import checkpoint as ckpt_lib
+from mcl_jax import cohort as cohort_lib
+from mcl_jax import config_lib, data, methods, optim, sharding, step as step_lib
+from mcl_jax.metrics import MetricWriter, Progress
+
+
+class NonFiniteLossError(FloatingPointError):
+  """Training produced a NaN/Inf; the message names the step and the loss terms."""
+
+
+# --------------------------------------------------------------------------------------------- #
+# Building blocks shared by train, evaluate and the benchmark.
+# --------------------------------------------------------------------------------------------- #
+def load_data(config):
+  """(train, test) InMemoryDatasets, shrunk as `data.train_examples` / `eval_examples` say."""
+  train = data.load(config.data.name, 'train', config.data.data_dir or None)
+  test = data.load(config.data.name, 'test', config.data.data_dir or None)
+  if config.data.train_examples > 0:
+    # A fixed, seed-independent subset so smoke runs and tests see the same images.
+    keep = np.sort(np.random.default_rng(0).permutation(len(train.labels))[:config.data.train_examples])
+    train = dataclasses.replace(train, images=train.images[keep], labels=train.labels[keep])
+  if config.data.eval_examples > 0:
+    test = test.take(config.data.eval_examples)
+  return train, test
+
+
+def augment_spec(config, dataset) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(mean=tuple(dataset.mean), std=tuple(dataset.std),
+                                        crop_padding=config.data.crop_padding,
+                                        flip=config.data.flip))
+
+
+def run_identity(config) -> dict:
+  """What a checkpoint must match to be resumed by this config."""
+  return {'archs': list(config.model.archs) or [config.model.arch] * config.cohort.num_peers,
+          'method': config.method.name, 'data': config.data.name}
+
+
+def schedule_lengths(config, num_train_examples: int) -> tuple[int, int]:
+  steps_per_epoch = data.steps_per_epoch(num_train_examples, config.batch_size)
+  if steps_per_epoch < 1:
+    raise config_lib.ConfigError(
+        f'batch_size={config.batch_size} is larger than the {num_train_examples} training '
+        f'examples; lower batch_size.')
+  total = (config.total_steps if config.total_steps > 0 else
+           optim.epochs_to_steps(config.total_epochs, steps_per_epoch))
+  return steps_per_epoch, total
+
+
+class Experiment:
+  """The pieces of one run, built from a config: data, cohort, method, optimizer, jitted steps."""
+
+  def __init__(self, config, *, devices=None):
+    self.config = config
+    self.train_data, self.test_data = load_data(config)
+    self.steps_per_epoch, self.total_steps = schedule_lengths(config, len(self.train_data.labels))
+    self.cohort = cohort_lib.build_cohort(config.model, config.cohort,
+                                          self.train_data.num_classes)
+    self.method = methods.get_method(config.method)
+    self.tx, self.schedule = optim.make_optimizer(config.optim, self.total_steps,
+                                                  self.steps_per_epoch)
+    self.mesh = sharding.make_mesh(config.mesh, devices)
+    self.aug = augment_spec(config, self.train_data)
+
+    sample = jnp.zeros((1,) + self.train_data.images.shape[1:], jnp.float32)
+    self._init = functools.partial(step_lib.create_state, self.cohort, self.method, self.tx,
+                                   sample_images=sample,
+                                   num_train_examples=len(self.train_data.labels))
+    self.abstract_state = jax.eval_shape(self._init, jax.random.key(0))
+    self.state_sharding = sharding.state_sharding(self.mesh, self.abstract_state)
+    self.batch_sharding = sharding.batch_sharding(self.mesh)
+    self.replicated = sharding.replicated(self.mesh)
+
+    options = step_lib.compiler_options(enabled=config.xla_cpu_fast_path)
+    self.train_step = jax.jit(
+        step_lib.make_train_step(self.cohort, self.method, self.tx, self.schedule, self.aug,
+                                 config.seed),
+        in_shardings=(self.state_sharding, self.batch_sharding),
+        out_shardings=(self.state_sharding, self.replicated),
+        donate_argnums=0, compiler_options=options)
+    self.eval_step = jax.jit(step_lib.make_eval_step(self.cohort, self.aug),
+                             out_shardings=self.replicated, compiler_options=options)
+    self._take = jax.jit(lambda images, labels, idx: {'image': images[idx], 'label': labels[idx]},
+                         out_shardings=self.batch_sharding)
+    self.sampler = data.BatchSampler(
+        self.train_data.labels, config.batch_size, config.seed,
+        class_balanced=self.method.class_balanced or config.method.class_balanced,
+        samples_per_class=config.method.samples_per_class)
+    self._train_images = self._train_labels = None
+
+  def init_state(self):
+    """A fresh state created directly in its sharding (never materialised on one device)."""
+    rng = jax.random.key(self.config.seed)
+    return jax.jit(self._init, out_shardings=self.state_sharding)(rng)
+
+  def abstract_state_with_shardings(self):
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        self.abstract_state, self.state_sharding)
+
+  def batch(self, step: int):
+    """The training batch of `step`: indices chosen on the host, images gathered on device."""
+    if self._train_images is None:  # The in-memory training set lives on the devices.
+      self._train_images = jax.device_put(self.train_data.images, self.replicated)
+      self._train_labels = jax.device_put(self.train_data.labels, self.replicated)
+    idx = jax.device_put(self.sampler.indices(step), self.replicated)
+    return self._take(self._train_images, self._train_labels, idx)
+
+  def evaluate(self, state) -> dict:
+    """Per-peer top-1/top-5, ensemble top-1 and best-peer top-1 on the test split."""
+    test, bs = self.test_data, self.config.data.eval_batch_size
+    bs = max(bs // self.mesh.shape['data'], 1) * self.mesh.shape['data']
+    totals = None
+    for start in range(0, len(test.labels), bs):
+      images, labels = test.images[start:start + bs], test.labels[start:start + bs]
+      pad = bs - len(labels)
+      batch = {'image': np.pad(images, ((0, pad),) + ((0, 0),) * (images.ndim - 1)),
+               'label': np.pad(labels, (0, pad)),
+               'mask': np.arange(bs) < len(labels)}
+      batch = jax.device_put(batch, self.batch_sharding)
+      counts = self.eval_step(state.params['peers'], state.batch_stats, batch)
+      totals = counts if totals is None else jax.tree.map(jnp.add, totals, counts)
+    totals = jax.device_get(totals)
+    n = float(totals['count'])
+    out = {}
+    for k in range(self.cohort.num_peers):
+      out[f'eval/peer_{k}/top1'] = totals['top1'][k] / n
+      out[f'eval/peer_{k}/top5'] = totals['top5'][k] / n
+    out['eval/ensemble/top1'] = totals['ensemble_top1'] / n
+    out['eval/best_peer/top1'] = float(np.max(totals['top1'])) / n
+    return {k: float(v) for k, v in out.items()}
+
+
+def _check_finite(step_metrics: list, first_step: int, writer: MetricWriter) -> None:
+  """Raises NonFiniteLossError naming the first bad step since the last check and its terms."""
+  if not step_metrics:
+    return
+  flags = jax.device_get([m['finite'] for m in step_metrics])
+  if all(flags):
+    return
+  bad = int(np.argmin(flags))
+  terms = {k: float(v) for k, v in jax.device_get(step_metrics[bad]).items() if k != 'finite'}
+  writer.close()
+  raise NonFiniteLossError(
+      f'Non-finite loss at step {first_step + bad + 1}: {json.dumps(terms)}. Training stopped; '
+      f'the last checkpoint (before this step) is intact. Lower optim.lr, check the data, or '
+      f'resume with the same command after changing the config.')
+
+
+# --------------------------------------------------------------------------------------------- #
+# The loop.
+# --------------------------------------------------------------------------------------------- #
+def run(config, workdir: str) -> dict:
+  """Trains (or resumes) the run in `workdir`; returns the last eval metrics."""
+  config_lib.validate(config)
+  _check_workdir_writable(workdir)
+  exp = Experiment(config)
+  is_main = jax.process_index() == 0
+  if is_main:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json(indent=2))
+
+  # ---- State: resume or init --------------------------------------------------------------- #
+  ckpt = ckpt_lib.Checkpointer(workdir, run_identity(config), keep=config.keep_checkpoints)
+  restored = ckpt.restore_latest(exp.abstract_state_with_shardings())
+  if restored is None:
+    state, best = exp.init_state(), -1.0
+  else:
+    state, meta = restored
+    best = meta.get('best_peer_top1', -1.0)
+  start_step = int(jax.device_get(state.step))
+  if start_step:
+    logging.info('Resumed from step %d in %s', start_step, workdir)
+
+  total, spe = exp.total_steps, exp.steps_per_epoch
+  eval_every = config.eval_every_steps if config.eval_every_steps > 0 else spe
+  writer = MetricWriter(workdir, resume_step=start_step, enabled=is_main)
+  progress = Progress(total, config.batch_size, start_step)
+  print(f'mcl_jax: {exp.cohort.num_peers} peers {run_identity(config)["archs"]}, method '
+        f'{config.method.name}, strategy {exp.cohort.strategy}, {total} steps '
+        f'({spe}/epoch), batch {config.batch_size}, devices {exp.mesh.shape}', flush=True)
+
+  # ---- Steps ------------------------------------------------------------------------------- #
+  pending, pending_from = [], start_step
+  last_eval = {}
+  for step in range(start_step, total):
+    t0 = time.perf_counter()
+    state, metrics = exp.train_step(state, exp.batch(step))
+    pending.append(metrics)
+    done = step + 1
+    if step == start_step:
+      jax.block_until_ready(metrics)
+      print(f'first step (compile + run): {time.perf_counter() - t0:.1f}s', flush=True)
+      progress.mark(done)
+
+    log_now = done % config.log_every_steps == 0 or done == total
+    eval_now = done % eval_every == 0 or done == total
+    ckpt_now = done % config.ckpt_every_steps == 0 or done == total
+    if not (log_now or eval_now or ckpt_now):
+      continue
+    _check_finite(pending, pending_from, writer)
+    scalars = {}
+    if log_now:
+      scalars.update({f'train/{k}': float(v) for k, v in jax.device_get(pending[-1]).items()
+                      if k != 'finite'})
+      scalars.update(progress.update(done))
+    pending, pending_from = [], done
+    if eval_now:
+      last_eval = exp.evaluate(state)
+      scalars.update(last_eval)
+      scalars['epoch'] = done / spe
+    if scalars:
+      writer.write(done, scalars)
+      print(progress.line(done, scalars), flush=True)
+    is_best = eval_now and last_eval['eval/best_peer/top1'] > best
+    if is_best:
+      best = last_eval['eval/best_peer/top1']
+    if ckpt_now or is_best:
+      ckpt.save(state, {'step': done, 'best_peer_top1': best}, best=is_best)
+    if eval_now or ckpt_now:
+      progress.mark(done)  # keep eval and checkpoint time out of img/s
+
+  ckpt.close()
+  writer.close()
+  if start_step >= total:
+    print(f'Nothing to do: the run in {workdir} already finished ({total} steps).')
+  return last_eval
+
+
+def _check_workdir_writable(workdir: str) -> None:
+  """Fails before any compilation if the workdir cannot hold metrics and checkpoints."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, '.write_probe')
+    with open(probe, 'w') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise OSError(f'Cannot write to --workdir {workdir!r} ({e}). Pick a writable directory.') from e
+  free = _free_bytes(workdir)
+  if free is not None and free < 100 * 2**20:
+    raise OSError(f'--workdir {workdir!r} has only {free / 2**20:.0f} MiB free; checkpoints need '
+                  f'more. Free some space or pick another directory.')
+
+
+def _free_bytes(path: str) -> int | None:
+  try:
+    st = os.statvfs(path)
+  except OSError:
+    return None
+  return st.f_bavail * st.f_frsize
