@@ -386,7 +386,8 @@ class BatchSampler:
   batch. The batch is ordered class by class (``m`` consecutive rows per class), then the
   fill. A class with fewer than ``m`` images (tiny subsets only) is sampled with replacement.
 
-  Per-class index lists are built once here; :meth:`indices` costs tens of microseconds.
+  ``C`` counts the classes present in ``labels``. Per-class index lists are built once here,
+  so :meth:`indices` costs well under a millisecond.
   """
 
   def __init__(self, labels: np.ndarray, batch_size: int, seed: int,
@@ -408,10 +409,9 @@ class BatchSampler:
       raise ValueError(f'samples_per_class must be positive, got {samples_per_class}')
     # Examples grouped by class: class c owns by_class[starts[c] : starts[c] + counts[c]].
     self._by_class = np.argsort(labels, kind='stable').astype(np.int64)
-    classes, counts = np.unique(labels, return_counts=True)
-    starts = np.searchsorted(labels[self._by_class], classes)
-    self._classes, self._counts, self._starts = classes, counts, starts
-    num_classes = len(classes)
+    classes, self._counts = np.unique(labels, return_counts=True)
+    self._starts = np.searchsorted(labels[self._by_class], classes)
+    num_classes = self._num_classes = len(classes)
     if num_classes * samples_per_class >= batch_size:
       if batch_size % samples_per_class:
         raise ValueError(f'batch_size {batch_size} is not a multiple of samples_per_class '
@@ -436,24 +436,23 @@ class BatchSampler:
 
   def _class_balanced(self, step: int) -> np.ndarray:
     rng = np.random.default_rng([self.seed, step, 1])
-    num_classes, k, m = len(self._classes), self._classes_per_batch, self._per_class
+    num_classes, k, m = self._num_classes, self._classes_per_batch, self._per_class
     chosen = rng.choice(num_classes, k, replace=False) if k < num_classes else np.arange(k)
-    within = _distinct_ranks(rng, self._counts[chosen], m)  # [k, m] positions inside classes
+    within = _random_subsets(rng, self._counts[chosen], m)  # [k, m] positions inside classes
     batch = self._by_class[self._starts[chosen][:, None] + within].reshape(-1)
     if self._num_fill:
-      # Distinct candidates, enough that `num_fill` of them are not yet in the batch.
+      # A uniform draw from the examples not in the batch yet: the first `num_fill` of B
+      # distinct random candidates that are not in it.
       candidates = rng.choice(self.num_examples, min(self.num_examples, self.batch_size),
                               replace=False)
       in_batch = np.zeros(self.num_examples, bool)
       in_batch[batch] = True
-      fresh = candidates[~in_batch[candidates]]
-      if len(fresh) < self._num_fill:  # only when nearly all examples are already in the batch
-        fresh = candidates
+      fresh = candidates[~in_batch[candidates]]  # at least num_fill: B distinct candidates
       batch = np.concatenate([batch, fresh[:self._num_fill]])
     return batch.astype(np.int32)
 
 
-def _distinct_ranks(rng: np.random.Generator, sizes: np.ndarray, m: int) -> np.ndarray:
+def _random_subsets(rng: np.random.Generator, sizes: np.ndarray, m: int) -> np.ndarray:
   """``[len(sizes), m]`` ints; row i is a uniform m-subset of ``range(sizes[i])``.
 
   Floyd's algorithm, vectorised over rows: draw j picks t uniform in ``[0, n - m + j]`` and
@@ -621,7 +620,7 @@ def imagenet_iterator(split: str, data_dir: str | None, global_batch: int, seed:
   local_batch = global_batch // shard_count
   if source is None:
     source = _tfds_data_source('imagenet2012', split, resolve_tfds_data_dir(data_dir))
-  shuffle_seed, augment_seed = (int(s) for s in np.random.SeedSequence([seed, 2012]).generate_state(2))
+  shuffle_seed, augment_seed = map(int, np.random.SeedSequence([seed, 2012]).generate_state(2))
 
   if train:
     stream = grain.MapDataset.source(source).shuffle(seed=shuffle_seed).repeat()

@@ -7,10 +7,13 @@ function of seed and step), dispatches asynchronously, and syncs at log, eval an
 from __future__ import annotations
 
 import dataclasses
+import contextlib
 import functools
 import json
 import logging
 import os
+import signal
+import threading
 import time
 
 import jax
@@ -169,8 +172,43 @@ def _check_finite(step_metrics: list, first_step: int, writer: MetricWriter) -> 
 # --------------------------------------------------------------------------------------------- #
 # The loop.
 # --------------------------------------------------------------------------------------------- #
-def run(config, workdir: str) -> dict:
-  """Trains (or resumes) the run in `workdir`; returns the last eval metrics."""
+class _StopRequest:
+  """Set by SIGTERM/SIGINT: the loop finishes the current step, checkpoints and exits."""
+
+  def __init__(self):
+    self.signal = None
+
+  def __call__(self, signum, frame):
+    del frame
+    if self.signal is not None:  # second signal: the user really wants out
+      raise KeyboardInterrupt
+    self.signal = signal.Signals(signum).name
+
+  @contextlib.contextmanager
+  def installed(self):
+    if threading.current_thread() is not threading.main_thread():
+      yield self
+      return
+    previous = {s: signal.signal(s, self) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+      yield self
+    finally:
+      for s, handler in previous.items():
+        signal.signal(s, handler)
+
+
+def run(config, workdir: str, *, stop_after_steps: int | None = None) -> dict:
+  """Trains (or resumes) the run in `workdir`; returns the last eval metrics.
+
+  SIGTERM/SIGINT (preemption, Ctrl-C) end the run cleanly after the current step with a
+  checkpoint; re-running the same command resumes exactly. `stop_after_steps` does the same after
+  that many steps of this invocation (tests, time-boxed jobs).
+  """
+  with _StopRequest().installed() as stop:
+    return _run(config, workdir, stop, stop_after_steps)
+
+
+def _run(config, workdir, stop, stop_after_steps):
   config_lib.validate(config)
   _check_workdir_writable(workdir)
   exp = Experiment(config)
@@ -212,9 +250,11 @@ def run(config, workdir: str) -> dict:
       print(f'first step (compile + run): {time.perf_counter() - t0:.1f}s', flush=True)
       progress.mark(done)
 
+    if stop_after_steps is not None and done - start_step >= stop_after_steps:
+      stop.signal = stop.signal or 'stop_after_steps'
     log_now = done % config.log_every_steps == 0 or done == total
     eval_now = done % eval_every == 0 or done == total
-    ckpt_now = done % config.ckpt_every_steps == 0 or done == total
+    ckpt_now = done % config.ckpt_every_steps == 0 or done == total or stop.signal is not None
     if not (log_now or eval_now or ckpt_now):
       continue
     _check_finite(pending, pending_from, writer)
@@ -238,6 +278,10 @@ def run(config, workdir: str) -> dict:
       ckpt.save(state, {'step': done, 'best_peer_top1': best}, best=is_best)
     if eval_now or ckpt_now:
       progress.mark(done)  # keep eval and checkpoint time out of img/s
+    if stop.signal is not None:
+      print(f'mcl_jax: stopped by {stop.signal} after step {done}; checkpoint saved. Run the same '
+            f'command again to resume.', flush=True)
+      break
 
   ckpt.close()
   writer.close()

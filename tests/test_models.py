@@ -29,7 +29,8 @@ REFERENCE_MILLIONS = {
 
 def _abstract_variables(model, input_shape):
     # `train` is bound outside eval_shape: it must stay a Python bool, not a traced argument.
-    return jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), jnp.zeros(input_shape))
+    init = functools.partial(model.init, train=False)
+    return jax.eval_shape(init, jax.random.key(0), jnp.zeros(input_shape))
 
 
 def _num_params(variables):
@@ -150,7 +151,9 @@ def test_batch_stats_follow_train_flag():
 
     _, state = model.apply(variables, x, train=True, mutable=["batch_stats"])
     stem = variables["params"]["stem_conv"]["kernel"]
-    stem_out = jax.lax.conv_general_dilated(x, stem, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    stem_out = jax.lax.conv_general_dilated(
+        x, stem, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
     stats = state["batch_stats"]["stem_bn"]
     np.testing.assert_allclose(stats["mean"], 0.1 * stem_out.mean((0, 1, 2)), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(stats["var"], 0.9 + 0.1 * stem_out.var((0, 1, 2)), rtol=1e-4)
@@ -171,7 +174,8 @@ def test_bf16_compute_keeps_float32_params_and_logits():
     assert out["logits"].dtype == jnp.float32 and out["feature"].dtype == jnp.float32
     assert all(s.dtype == jnp.bfloat16 for s in out["stages"])
     reference = models.get_model("wrn_16_2", 10).apply(variables, x, train=False)
-    np.testing.assert_allclose(out["logits"], reference["logits"], atol=0.05 * np.abs(reference["logits"]).max())
+    tolerance = 0.05 * np.abs(reference["logits"]).max()
+    np.testing.assert_allclose(out["logits"], reference["logits"], atol=tolerance)
 
 
 @pytest.mark.parametrize("arch", ["resnet8", "wrn_16_2"])

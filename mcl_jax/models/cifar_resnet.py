@@ -4,8 +4,8 @@ The CIFAR ResNets follow the authors' `models/resnet.py` (winycg/MCL, identical 
 three stages of post-activation blocks (strides 1, 2, 2), a projection shortcut (1x1 conv + BN) wherever
 the shape changes, global average pooling and a linear classifier.
 
-The shared pieces (`conv`, `batch_norm`, `BasicBlock`, `Bottleneck`, `Stage`, `StagedNet`) live here
-and are reused by `wrn.py` and `imagenet_resnet.py`.
+The shared pieces (`conv`, `batch_norm`, `classifier`, `ResidualBlock`, `BasicBlock`, `Bottleneck`,
+`Stage`, `StagedNet`) live here and are reused by `wrn.py` and `imagenet_resnet.py`.
 """
 
 from __future__ import annotations
@@ -66,17 +66,21 @@ def classifier(num_classes: int, fan_in: int) -> nn.Dense:
     )
 
 
-class BasicBlock(nn.Module):
-    """Post-activation basic block: relu(bn(conv3x3(relu(bn(conv3x3(x))))) + shortcut(x)).
+class ResidualBlock(nn.Module):
+    """Fields shared by every residual block; subclasses define `__call__(x, *, train)`.
 
-    x: [B, H, W, C_in] -> [B, H / strides, W / strides, features].
+    x: [B, H, W, C_in] -> [B, H / strides, W / strides, features * expansion].
     """
 
     features: int
     strides: int = 1
     dtype: Dtype = jnp.float32
 
-    expansion: ClassVar[int] = 1
+    expansion: ClassVar[int] = 1  # output channels / `features`
+
+
+class BasicBlock(ResidualBlock):
+    """Post-activation basic block: relu(bn(conv3x3(relu(bn(conv3x3(x))))) + shortcut(x))."""
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -87,15 +91,8 @@ class BasicBlock(nn.Module):
         return nn.relu(h + _projection_shortcut(x, self.features, self.strides, train, self.dtype))
 
 
-class Bottleneck(nn.Module):
-    """Post-activation bottleneck block (1x1 -> 3x3 with the stride -> 1x1 x4), as torchvision v1.5.
-
-    x: [B, H, W, C_in] -> [B, H / strides, W / strides, 4 * features].
-    """
-
-    features: int
-    strides: int = 1
-    dtype: Dtype = jnp.float32
+class Bottleneck(ResidualBlock):
+    """Post-activation bottleneck block (1x1 -> 3x3 with the stride -> 1x1 x4), as torchvision v1.5."""
 
     expansion: ClassVar[int] = 4
 
@@ -128,7 +125,7 @@ class Stage(nn.Module):
     x: [B, H, W, C_in] -> [B, H / strides, W / strides, features * block.expansion].
     """
 
-    block: type[nn.Module]
+    block: type[ResidualBlock]
     num_blocks: int
     features: int
     strides: int
@@ -167,7 +164,7 @@ class StagedNet(nn.Module):
     num_classes: int
     stage_sizes: Sequence[int]
     stage_widths: Sequence[int]
-    block: type[nn.Module]
+    block: type[ResidualBlock]
     first_stage: int = 0
     dtype: Dtype = jnp.float32
 

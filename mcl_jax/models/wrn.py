@@ -3,27 +3,18 @@
 from __future__ import annotations
 
 import functools
-from typing import ClassVar
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
-from mcl_jax.models.cifar_resnet import Dtype, StagedNet, batch_norm, conv
+from mcl_jax.models.cifar_resnet import ResidualBlock, StagedNet, batch_norm, conv
 
 
-class PreActBlock(nn.Module):
+class PreActBlock(ResidualBlock):
     """Pre-activation wide block: conv3x3(relu(bn(conv3x3(a)))) + shortcut, with a = relu(bn(x)).
 
     The shortcut is x itself, or a 1x1 conv (no BN) of the activated a when the shape changes.
-    x: [B, H, W, C_in] -> [B, H / strides, W / strides, features].
     """
-
-    features: int
-    strides: int = 1
-    dtype: Dtype = jnp.float32
-
-    expansion: ClassVar[int] = 1
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -43,7 +34,7 @@ class WideResNet(StagedNet):
     Input [B, H, W, C] at any size (32x32x3 CIFAR, 28x28x1 Fashion-MNIST).
     """
 
-    block: type[nn.Module] = PreActBlock
+    block: type[ResidualBlock] = PreActBlock
 
     def stem(self, x: jax.Array, train: bool) -> jax.Array:
         return conv(16, 3, dtype=self.dtype, name="stem_conv")(x)

@@ -1,0 +1,117 @@
+"""The training loop end to end: loss goes down, resume == uninterrupted, clear errors."""
+import json
+import os
+import subprocess
+import sys
+
+import chex
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from mcl_jax import checkpoint as ckpt_lib, config_lib, train
+from mcl_jax.metrics import TIMING_METRICS, read_metrics
+
+from conftest import REPO
+
+
+def restore_final_state(workdir):
+  manager = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints', 'latest'),
+                                  item_names=('state', 'meta'))
+  step = manager.latest_step()
+  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  return step, state['state']
+
+
+def reproducible(records):
+  return [{k: v for k, v in r.items() if k not in TIMING_METRICS} for r in records]
+
+
+def test_resume_equals_uninterrupted(tmp_path, make_config):
+  config = make_config()
+  straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
+  train.run(config, straight)
+  train.run(config, resumed, stop_after_steps=3)   # as if preempted after step 3
+  assert restore_final_state(resumed)[0] == 3
+  train.run(config, resumed)
+
+  step_a, state_a = restore_final_state(straight)
+  step_b, state_b = restore_final_state(resumed)
+  assert step_a == step_b == config.total_steps
+  chex.assert_trees_all_equal(state_a, state_b)  # bit-identical: params, opt and method state, BN
+  metrics_a, metrics_b = read_metrics(straight), read_metrics(resumed)
+  assert reproducible(metrics_a) == reproducible(metrics_b)
+  names = set().union(*metrics_a)
+  for name in ('train/loss', 'train/ce', 'train/dml', 'train/lr', 'train/img_per_s',
+               'eval/peer_0/top1', 'eval/peer_1/top5', 'eval/ensemble/top1',
+               'eval/best_peer/top1'):
+    assert name in names, name
+  assert os.listdir(os.path.join(straight, 'checkpoints', 'best'))
+  assert json.load(open(os.path.join(straight, 'config.json')))['method']['name'] == 'dml'
+  assert any(f.startswith('events.out.tfevents') for f in os.listdir(straight))
+
+  # Running a finished run again does nothing and keeps the results.
+  train.run(config, straight)
+  assert reproducible(read_metrics(straight)) == reproducible(metrics_a)
+
+
+def test_train_step_lowers_loss_on_a_fixed_batch(make_config):
+  config = make_config(**{'data.crop_padding': 0, 'data.flip': False, 'optim.lr': 0.05,
+                          'optim.schedule': 'constant', 'method.name': 'independent'})
+  exp = train.Experiment(config)
+  state, batch = exp.init_state(), exp.batch(0)
+  losses = []
+  for _ in range(6):
+    state, metrics = exp.train_step(state, batch)
+    losses.append(float(metrics['loss']))
+  assert losses[-1] < 0.8 * losses[0], losses
+  assert int(state.step) == 6
+
+
+@pytest.mark.parametrize('key,value,message', [
+    ('cohort.num_peers', 0, 'cohort.num_peers=0: must be >= 1'),
+    ('method.name', 'mlc', "method.name='mlc'"),
+    ('model.arch', 'resnet33', "model.arch='resnet33'"),
+    ('cohort.strategy', 'pmap', "cohort.strategy='pmap'"),
+    ('optim.schedule', 'poly', "optim.schedule='poly'"),
+    ('data.name', 'cifar10', "data.name='cifar10'"),
+])
+def test_bad_config_values_are_named(make_config, key, value, message):
+  with pytest.raises(config_lib.ConfigError, match=message.replace('(', r'\(')):
+    config_lib.validate(make_config(**{key: value}))
+
+
+def test_batch_not_divisible_by_devices(make_config):
+  with pytest.raises(config_lib.ConfigError, match='batch_size=30: must be divisible by the 4'):
+    config_lib.validate(make_config(batch_size=30), num_devices=4)
+
+
+def test_missing_tfds_data_names_the_fix(tmp_path, make_config):
+  config = make_config(**{'data.name': 'cifar100', 'data.data_dir': str(tmp_path)})
+  with pytest.raises(FileNotFoundError, match='tfds build cifar100') as e:
+    config_lib.validate(config)
+  assert 'data.name=fashion_mnist' in str(e.value)
+
+
+def test_checkpoint_of_another_run_is_refused(tmp_path, make_config):
+  workdir = str(tmp_path / 'run')
+  train.run(make_config(total_steps=2, log_every_steps=1), workdir)
+  with pytest.raises(ckpt_lib.CheckpointError, match='belongs to a different run'):
+    train.run(make_config(total_steps=2, **{'model.arch': 'resnet20'}), workdir)
+
+
+def test_non_finite_loss_stops_with_step_and_terms(tmp_path, make_config):
+  config = make_config(**{'optim.lr': 1e30, 'optim.schedule': 'constant'})
+  with pytest.raises(train.NonFiniteLossError, match=r'Non-finite loss at step \d+: .*"ce"'):
+    train.run(config, str(tmp_path / 'nan'))
+
+
+def test_cli_rejects_unknown_key_and_runs(tmp_path):
+  cmd = [sys.executable, '-m', 'mcl_jax.main', '--config', 'configs/fashion_mnist_mcl.py:smoke',
+         '--workdir', str(tmp_path / 'cli')]
+  bad = subprocess.run(cmd + ['--config.optim.lrr=0.1'], cwd=REPO, capture_output=True, text=True)
+  assert bad.returncode != 0 and 'lrr' in bad.stderr
+  bad = subprocess.run(cmd + ['--config.cohort.num_peers=0'], cwd=REPO, capture_output=True,
+                       text=True)
+  assert bad.returncode == 2 and 'cohort.num_peers=0' in bad.stderr
