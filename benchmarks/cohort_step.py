@@ -32,13 +32,15 @@ def build_step(arch, peers, method, strategy, batch, fast_path=True, num_classes
   aug = config_lib.ml_collections.ConfigDict(dict(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
                                                   crop_padding=4, flip=True))
   sample = jnp.zeros((1, 32, 32, 3), jnp.float32)
-  state = step_lib.create_state(cohort, meth, tx, jax.random.key(0), sample, 50_000)
+  train_labels = np.arange(50_000, dtype=np.int32) % num_classes
+  state = step_lib.create_state(cohort, meth, tx, jax.random.key(0), sample, train_labels)
   train_step = jax.jit(step_lib.make_train_step(cohort, meth, tx, schedule, aug, seed=0),
                        donate_argnums=0,
                        compiler_options=step_lib.compiler_options(enabled=fast_path))
   rng = np.random.default_rng(0)
   data = {'image': jnp.asarray(rng.integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8)),
-          'label': jnp.asarray(rng.integers(0, num_classes, (batch,), dtype=np.int32))}
+          'label': jnp.asarray(np.arange(batch, dtype=np.int32) // 2 % num_classes),
+          'index': jnp.arange(batch, dtype=jnp.int32)}
   return cohort, state, train_step, data
 
 

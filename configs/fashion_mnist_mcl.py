@@ -9,7 +9,7 @@ from mcl_jax import config_lib
 
 
 def get_config(arg=None):
-  args = config_lib.parse_arg(arg, method='independent', arch='resnet8', peers=2, epochs=10.0,
+  args = config_lib.parse_arg(arg, method='mcl', arch='resnet8', peers=2, epochs=10.0,
                               smoke=False)
   c = config_lib.base_config()
   c.data.name = 'fashion_mnist'

@@ -48,11 +48,11 @@ class TrainState:
   method_state: Any        # non-trainable method state (memory banks, meta weights, ...)
 
 
-def create_state(cohort, method, tx, rng, sample_images, num_train_examples) -> TrainState:
+def create_state(cohort, method, tx, rng, sample_images, train_labels) -> TrainState:
   """A fresh state. Pure, so it can be run under `jax.eval_shape` or `jax.jit(out_shardings=...)`."""
   peer_rng, method_rng = jax.random.split(rng)
   peer_params, batch_stats = cohort.init(peer_rng, sample_images)
-  method_params, method_state = method.init(method_rng, cohort, num_train_examples)
+  method_params, method_state = method.init(method_rng, cohort, train_labels)
   params = {'peers': peer_params, 'method': method_params}
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                     opt_state=tx.init(params), method_state=method_state)
@@ -61,7 +61,8 @@ def create_state(cohort, method, tx, rng, sample_images, num_train_examples) -> 
 def make_train_step(cohort, method, tx, schedule, data_config, seed: int):
   """Returns the un-jitted `train_step(state, batch) -> (new_state, metrics)`.
 
-  batch: {'image': uint8 [B, H, W, C], 'label': int32 [B]}. metrics: scalars `loss`, one per
+  batch: {'image': uint8 [B, H, W, C], 'label': int32 [B], 'index': int32 [B] (position in the
+  training set; used by memory banks)}. metrics: scalars `loss`, one per
   method term, `lr`, and `finite` (whether every term was finite; the loop stops on False).
   """
   base_key = jax.random.key(seed)
@@ -78,7 +79,8 @@ def make_train_step(cohort, method, tx, schedule, data_config, seed: int):
       outputs, new_batch_stats = cohort.apply(params['peers'], state.batch_stats, images,
                                               train=True)
       loss, terms, new_method_state = method.loss(
-          params['method'], state.method_state, outputs, labels, rng=method_key, step=state.step)
+          params['method'], state.method_state, outputs, labels, rng=method_key, step=state.step,
+          example_index=batch.get('index'))
       return loss, (terms, new_batch_stats, new_method_state)
 
     (loss, (terms, new_batch_stats, new_method_state)), grads = (

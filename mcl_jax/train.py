@@ -88,7 +88,7 @@ class Experiment:
     sample = jnp.zeros((1,) + self.train_data.images.shape[1:], jnp.float32)
     self._init = functools.partial(step_lib.create_state, self.cohort, self.method, self.tx,
                                    sample_images=sample,
-                                   num_train_examples=len(self.train_data.labels))
+                                   train_labels=self.train_data.labels)
     self.abstract_state = jax.eval_shape(self._init, jax.random.key(0))
     self.state_sharding = sharding.state_sharding(self.mesh, self.abstract_state)
     self.batch_sharding = sharding.batch_sharding(self.mesh)
@@ -103,8 +103,9 @@ class Experiment:
         donate_argnums=0, compiler_options=options)
     self.eval_step = jax.jit(step_lib.make_eval_step(self.cohort, self.aug),
                              out_shardings=self.replicated, compiler_options=options)
-    self._take = jax.jit(lambda images, labels, idx: {'image': images[idx], 'label': labels[idx]},
-                         out_shardings=self.batch_sharding)
+    self._take = jax.jit(
+        lambda images, labels, idx: {'image': images[idx], 'label': labels[idx], 'index': idx},
+        out_shardings=self.batch_sharding)
     self.sampler = data.BatchSampler(
         self.train_data.labels, config.batch_size, config.seed,
         class_balanced=self.method.class_balanced or config.method.class_balanced,

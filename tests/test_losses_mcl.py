@@ -502,7 +502,6 @@ def test_jit_equals_no_jit():
         memory=losses.memory_vcl_icl_losses(z, memory, idx, 2, 0.07, T),
         update=losses.memory_update(memory, z, idx[:, 0], 0.5),
         layer=losses.layer_mcl_loss(emb4, y, w, 0.1, T),
-        pair=losses.pair_mcl_terms(z[0], z[1], y, w[0], 0.1, T),
         match=losses.layer_match_weights(emb4))
 
   args = (z, logits, memory, idx, emb4, w)
@@ -556,7 +555,7 @@ def test_memory_update_exact_with_duplicates():
   rng = np.random.default_rng(11)
   memory = rng.uniform(-1, 1, size=(2, 10, 4))
   emb = np_normalize(rng.normal(size=(2, 6, 4)))
-  own_idx = np.array([3, 7, 3, 0, 9, 3])  # slot 3 three times: the last (b = 5) wins
+  own_idx = np.array([3, 7, 3, 0, 9, 3], np.int32)  # slot 3 three times: the last (b = 5) wins
   with jax.enable_x64(True):
     update = lambda memory, emb: losses.memory_update(memory, emb, own_idx, 0.5)  # noqa: E731
     updated = np.asarray(jit_call(update, memory, emb))

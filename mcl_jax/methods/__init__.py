@@ -1,9 +1,11 @@
 """Training methods: one small object per method (see `base.Method`)."""
 from mcl_jax.methods.base import DML, Independent, Method
+from mcl_jax.methods.mcl import MCL
 
 _METHODS = {
     'independent': Independent,
     'dml': DML,
+    'mcl': MCL,
 }
 
 # Methods named in the public interface that later modules register here.

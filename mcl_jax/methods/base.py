@@ -25,14 +25,19 @@ class Method:
   # Wants the class-balanced batch sampler (MCL on CIFAR: m images per class in every batch).
   class_balanced = False
 
-  def init(self, rng, cohort, num_train_examples: int):
+  def init(self, rng, cohort, train_labels):
     """Returns (params, state): trainable extra parameters (e.g. embedding heads), optimised
-    together with the peers, and non-trainable state (e.g. memory banks)."""
-    del rng, cohort, num_train_examples
+    together with the peers, and non-trainable state (e.g. memory banks). `train_labels` [N] are
+    the training set's labels (memory banks are indexed by example)."""
+    del rng, cohort, train_labels
     return {}, {}
 
-  def loss(self, params, state, outputs, labels, *, rng, step):
-    """Returns (total loss, {term name: unweighted scalar}, new state)."""
+  def loss(self, params, state, outputs, labels, *, rng, step, example_index=None):
+    """Returns (total loss, {term name: unweighted scalar}, new state).
+
+    outputs: the cohort's outputs ('logits' [K, B, C], 'groups': per-group model outputs).
+    labels: [B]; example_index: [B] training-set indices of the batch (memory banks).
+    """
     raise NotImplementedError
 
 
@@ -45,7 +50,7 @@ def ordered_pairs(num_peers: int) -> tuple[np.ndarray, np.ndarray]:
 class Independent(Method):
   """K peers trained side by side with no interaction: sum_k CE_k (the baseline)."""
 
-  def loss(self, params, state, outputs, labels, *, rng, step):
+  def loss(self, params, state, outputs, labels, *, rng, step, example_index=None):
     ce = losses.ce_loss(outputs['logits'], labels)
     return ce, {'ce': ce}, state
 
@@ -56,7 +61,7 @@ class DML(Method):
   All K(K-1) ordered pairs are computed at once; `kd_T` is the temperature.
   """
 
-  def loss(self, params, state, outputs, labels, *, rng, step):
+  def loss(self, params, state, outputs, labels, *, rng, step, example_index=None):
     logits = outputs['logits']
     num_peers = logits.shape[0]
     ce = losses.ce_loss(logits, labels)

@@ -1,0 +1,105 @@
+"""MCL: mutual contrastive learning (Yang et al., AAAI 2022) as a cohort method.
+
+Loss = CE + alpha*VCL + gamma*SoftVCL + beta*ICL + lam*SoftICL (+ logit KD to the stop-gradient
+ensemble), all terms summed over peers / ordered peer pairs (../shared/specs/mcl.md §2). Each peer
+has its own embedding head on its pooled feature. Two variants:
+- in-batch (CIFAR): the contrast set is the batch; batches come from the class-balanced sampler
+  (m images per class) so every anchor has a positive;
+- memory bank (ImageNet, `method.memory_bank=True`): per-peer memories `[K, N, D]` in the method
+  state, 1 + P positive and Q negative indices per sample drawn from `fold_in(rng, step)`,
+  momentum-updated after the loss.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mcl_jax import heads, losses
+from mcl_jax.methods.base import Method
+
+
+def peer_embeddings(head, head_params, outputs):
+  """Embeddings `[K, B, D]` of all peers: each group's heads on its features, concatenated."""
+  return jnp.concatenate([heads.apply_stacked(head, p, out['feature'])
+                          for p, out in zip(head_params, outputs['groups'])], axis=0)
+
+
+def init_peer_heads(head, rng, cohort):
+  """One head per peer, stacked per cohort group (feature widths differ between groups)."""
+  return tuple(heads.init_stacked(head, jax.random.fold_in(rng, g), group.num_peers, dim)
+               for g, (group, dim) in enumerate(zip(cohort.groups, cohort.feature_dims)))
+
+
+@dataclasses.dataclass(frozen=True)
+class MCL(Method):
+  """The `mcl` method; hyper-parameters from the `method` config section."""
+
+  @property
+  def class_balanced(self):  # in-batch contrast needs positives in the batch
+    return not self.config.memory_bank
+
+  @property
+  def head(self):
+    return heads.EmbeddingHead(dim=self.config.embed_dim)
+
+  def init(self, rng, cohort, train_labels):
+    head_rng, memory_rng = jax.random.split(rng)
+    params = {'heads': init_peer_heads(self.head, head_rng, cohort)}
+    if not self.config.memory_bank:
+      return params, {}
+    num_examples, dim = len(train_labels), self.config.embed_dim
+    bound = 1.0 / np.sqrt(dim / 3.0)  # the authors' uniform init, deliberately not normalised
+    memory = jax.random.uniform(memory_rng, (cohort.num_peers, num_examples, dim),
+                                minval=-bound, maxval=bound)
+    return params, {'memory': memory, **class_index(train_labels)}
+
+  def loss(self, params, state, outputs, labels, *, rng, step, example_index=None):
+    c = self.config
+    emb = peer_embeddings(self.head, params['heads'], outputs)
+    if not c.memory_bank:
+      return (*losses.mcl_loss(emb, outputs['logits'], labels, tau=c.tau, T=c.kd_T,
+                               alpha=c.alpha, beta=c.beta, gamma=c.gamma, lam=c.lam,
+                               logit_kd=c.logit_kd,
+                               include_self_positive=c.include_self_positive), state)
+    idx = sample_contrast_indices(rng, example_index, labels, state, c.num_positives,
+                                  c.num_negatives)
+    terms = losses.memory_vcl_icl_losses(emb, state['memory'], idx, c.num_positives, c.tau,
+                                         c.kd_T)
+    terms['ce'] = losses.ce_loss(outputs['logits'], labels)
+    terms['kd'] = (losses.logit_kd_loss(outputs['logits'], c.kd_T) if c.logit_kd
+                   else jnp.zeros_like(terms['ce']))
+    total = (terms['ce'] + terms['kd'] + c.alpha * terms['vcl'] + c.gamma * terms['soft_vcl']
+             + c.beta * terms['icl'] + c.lam * terms['soft_icl'])
+    memory = losses.memory_update(state['memory'], jax.lax.stop_gradient(emb), example_index,
+                                  c.memory_momentum)
+    return total, terms, {**state, 'memory': memory}
+
+
+def class_index(labels: np.ndarray) -> dict:
+  """Example indices sorted by class, with each class's offset and count (for O(1) sampling)."""
+  labels = np.asarray(labels)
+  num_classes = int(labels.max()) + 1
+  counts = np.bincount(labels, minlength=num_classes)
+  return {'by_class': jnp.asarray(np.argsort(labels, kind='stable'), jnp.int32),
+          'class_offset': jnp.asarray(np.concatenate([[0], np.cumsum(counts)[:-1]]), jnp.int32),
+          'class_count': jnp.asarray(counts, jnp.int32)}
+
+
+def sample_contrast_indices(rng, own_index, labels, index, num_pos: int, num_neg: int):
+  """`[B, 1 + P + Q]` memory indices: own slot, P same-class slots (uniform over the class, which
+  contains the sample itself, as the reference), Q other-class slots (uniform, with replacement)."""
+  pos_rng, neg_rng = jax.random.split(rng)
+  offset = index['class_offset'][labels][:, None]
+  count = index['class_count'][labels][:, None]
+  batch = labels.shape[0]
+  pos_rank = jax.random.randint(pos_rng, (batch, num_pos), 0, count)
+  num_examples = index['by_class'].shape[0]
+  # Uniform over the N - count other-class slots: draw a rank there and skip over the own class.
+  neg_rank = jax.random.randint(neg_rng, (batch, num_neg), 0, num_examples - count)
+  neg_rank = jnp.where(neg_rank >= offset, neg_rank + count, neg_rank)
+  positives = index['by_class'][offset + pos_rank]
+  negatives = index['by_class'][neg_rank]
+  return jnp.concatenate([own_index[:, None], positives, negatives], axis=1).astype(jnp.int32)
