@@ -1,0 +1,125 @@
+"""Methods as the trainer sees them: DML and MCL terms against independent NumPy math, the
+memory-bank index sampler, and memory updates inside the method."""
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mcl_jax import config_lib, losses, methods
+from mcl_jax.methods import mcl as mcl_lib
+
+
+def method_config(**kw):
+  c = config_lib.base_config().method
+  c.update(kw)
+  return c
+
+
+def np_log_softmax(x):
+  x = x - x.max(-1, keepdims=True)
+  return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def test_dml_matches_numpy():
+  rng = np.random.default_rng(0)
+  K, B, C, T = 3, 5, 4, 2.0
+  logits = rng.normal(size=(K, B, C))
+  labels = rng.integers(0, C, B)
+  with jax.enable_x64(True):
+    loss, terms, _ = methods.get_method(method_config(name='dml', kd_T=T)).loss(
+        {}, {}, {'logits': jnp.asarray(logits)}, jnp.asarray(labels), rng=None, step=0)
+  ce = sum(-np.mean(np_log_softmax(logits[k])[np.arange(B), labels]) for k in range(K))
+  kl = 0.0
+  for k in range(K):
+    for l in range(K):
+      if k != l:
+        pt = np.exp(np_log_softmax(logits[l] / T))
+        kl += T * T * np.sum(pt * (np.log(pt) - np_log_softmax(logits[k] / T))) / B / (K - 1)
+  np.testing.assert_allclose(terms['ce'], ce, rtol=1e-10)
+  np.testing.assert_allclose(terms['dml'], kl, rtol=1e-10)
+  np.testing.assert_allclose(loss, ce + kl, rtol=1e-10)
+
+
+class FakeCohort:
+  """Just what methods read from a cohort: groups of peers and their feature widths."""
+
+  def __init__(self, sizes_and_dims):
+    self.groups = tuple(type('G', (), {'num_peers': k}) for k, _ in sizes_and_dims)
+    self.feature_dims = tuple(d for _, d in sizes_and_dims)
+    self.num_peers = sum(k for k, _ in sizes_and_dims)
+
+
+def test_mcl_method_equals_loss_function_on_head_embeddings():
+  """Heterogeneous cohort (2 peers of width 8 + 1 of width 12): the method embeds each group's
+  features with its own heads and hands [K, B, D] to losses.mcl_loss."""
+  cfg = method_config(name='mcl', embed_dim=16, logit_kd=True)
+  method = methods.get_method(cfg)
+  cohort = FakeCohort([(2, 8), (1, 12)])
+  params, state = method.init(jax.random.key(0), cohort, np.zeros(10, np.int32))
+  assert state == {} and method.class_balanced
+  rng = np.random.default_rng(1)
+  feats = (jnp.asarray(rng.normal(size=(2, 6, 8)), jnp.float32),
+           jnp.asarray(rng.normal(size=(1, 6, 12)), jnp.float32))
+  logits = jnp.asarray(rng.normal(size=(3, 6, 5)), jnp.float32)
+  labels = jnp.asarray([0, 0, 1, 1, 2, 2])
+  outputs = {'logits': logits, 'groups': ({'feature': feats[0]}, {'feature': feats[1]})}
+  total, terms, _ = method.loss(params, state, outputs, labels, rng=None, step=0)
+
+  emb = []
+  for g, f in enumerate(feats):
+    for k in range(f.shape[0]):
+      p = jax.tree.map(lambda x: x[k], params['heads'][g])
+      emb.append(method.head.apply({'params': p}, f[k]))
+  emb = jnp.stack(emb)
+  np.testing.assert_allclose(jnp.linalg.norm(emb, axis=-1), 1.0, rtol=1e-5)
+  ref_total, ref_terms = losses.mcl_loss(emb, logits, labels, tau=cfg.tau, T=cfg.kd_T,
+                                         alpha=cfg.alpha, beta=cfg.beta, gamma=cfg.gamma,
+                                         lam=cfg.lam, logit_kd=True)
+  chex.assert_trees_all_close((total, terms), (ref_total, ref_terms), rtol=1e-5)
+  assert set(terms) == {'ce', 'vcl', 'icl', 'soft_vcl', 'soft_icl', 'kd'}
+
+
+def test_contrast_index_sampler():
+  labels_all = np.array([2, 0, 1, 2, 0, 1, 2, 2, 0, 1, 1, 0], np.int32)
+  index = mcl_lib.class_index(labels_all)
+  own = jnp.asarray([0, 4, 5, 7])
+  idx = mcl_lib.sample_contrast_indices(jax.random.key(3), own, jnp.asarray(labels_all[own]),
+                                        index, num_pos=3, num_neg=400)
+  idx = np.asarray(idx)
+  assert idx.shape == (4, 1 + 3 + 400)
+  np.testing.assert_array_equal(idx[:, 0], own)
+  for b, n in enumerate(np.asarray(own)):
+    assert np.all(labels_all[idx[b, 1:4]] == labels_all[n])          # positives: same class
+    assert np.all(labels_all[idx[b, 4:]] != labels_all[n])           # negatives: other classes
+    # every other-class example is reachable (uniform over them; 400 draws of 8 candidates)
+    assert set(idx[b, 4:]) == set(np.nonzero(labels_all != labels_all[n])[0])
+  again = mcl_lib.sample_contrast_indices(jax.random.key(3), own, jnp.asarray(labels_all[own]),
+                                          index, num_pos=3, num_neg=400)
+  np.testing.assert_array_equal(idx, again)
+
+
+def test_memory_bank_method_updates_own_slots_only():
+  cfg = method_config(name='mcl', embed_dim=8, memory_bank=True, num_positives=1,
+                      num_negatives=5, tau=0.07)
+  method = methods.get_method(cfg)
+  assert not method.class_balanced
+  labels_all = np.arange(20, dtype=np.int32) % 4
+  cohort = FakeCohort([(2, 6)])
+  params, state = method.init(jax.random.key(0), cohort, labels_all)
+  assert state['memory'].shape == (2, 20, 8)
+  bound = 1 / np.sqrt(8 / 3)
+  assert np.all(np.abs(state['memory']) <= bound)
+  own = jnp.asarray([3, 8, 13])
+  feats = jax.random.normal(jax.random.key(1), (2, 3, 6))
+  outputs = {'logits': jax.random.normal(jax.random.key(2), (2, 3, 4)),
+             'groups': ({'feature': feats},)}
+  loss_fn = lambda p: method.loss(p, state, outputs, jnp.asarray(labels_all[own]),
+                                  rng=jax.random.key(4), step=0, example_index=own)
+  total, terms, new_state = loss_fn(params)
+  assert np.isfinite(total) and set(terms) >= {'vcl', 'icl', 'soft_vcl', 'soft_icl', 'ce'}
+  changed = np.any(np.asarray(new_state['memory'] != state['memory']), axis=(0, 2))
+  np.testing.assert_array_equal(np.nonzero(changed)[0], [3, 8, 13])
+  np.testing.assert_allclose(np.linalg.norm(new_state['memory'][:, own], axis=-1), 1.0, rtol=1e-5)
+  grads = jax.grad(lambda p: loss_fn(p)[0])(params)
+  assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
