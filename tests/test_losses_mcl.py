@@ -115,7 +115,8 @@ WEIGHTS = dict(alpha=0.1, beta=0.2, gamma=1.0, lam=0.7)
 
 
 def ref_mcl_total(zs, zt, ls, lt, y, tau, T, logit_kd=True):
-  total = (ref_ce(ls, y) + WEIGHTS['alpha'] * ref_vcl(zs, y, tau) + WEIGHTS['beta'] * ref_icl(zs, y, tau)
+  total = (ref_ce(ls, y) + WEIGHTS['alpha'] * ref_vcl(zs, y, tau)
+           + WEIGHTS['beta'] * ref_icl(zs, y, tau)
            + WEIGHTS['gamma'] * ref_soft_vcl(zs, zt, tau, T)
            + WEIGHTS['lam'] * ref_soft_icl(zs, zt, tau, T))
   return total + (ref_kd(ls, lt, T) if logit_kd else 0.0)
@@ -365,9 +366,10 @@ def test_vectorised_terms_equal_loop_over_ordered_pairs():
   z = losses.l2_normalize(jnp.asarray(raw, jnp.float32))
   assert_close(jit_call(vectorised, z), jit_call(loop, z), rtol=1e-5, atol=1e-5)
   # Gradients too (the stop-gradient sides of both must agree).
-  loss_sum = lambda f: lambda z: sum(f(z).values())  # noqa: E731
-  assert_close(jit_call(jax.grad(loss_sum(vectorised)), z), jit_call(jax.grad(loss_sum(loop)), z),
-               rtol=1e-4, atol=1e-5)
+  def grad_of_sum(terms_fn):
+    return jit_call(jax.grad(lambda z: sum(terms_fn(z).values())), z)
+
+  assert_close(grad_of_sum(vectorised), grad_of_sum(loop), rtol=1e-4, atol=1e-5)
 
 
 def test_include_self_positive_gives_cross_peer_positive():
@@ -528,7 +530,9 @@ def test_memory_losses_match_reference(num_peers, num_pos, tau):
   raw, memory, idx = make_memory_inputs(num_peers, 5, 4, 30, num_pos, 6, seed=num_peers)
   z = np_normalize(raw)
   with jax.enable_x64(True):
-    lib = lambda z, memory: losses.memory_vcl_icl_losses(z, memory, idx, num_pos, tau, T)  # noqa: E731
+    def lib(z, memory):
+      return losses.memory_vcl_icl_losses(z, memory, idx, num_pos, tau, T)
+
     assert_close(jit_call(lib, z, memory), ref_memory_losses(z, z, memory, idx, num_pos, tau, T))
     bf16 = jit_call(lib, jnp.asarray(z, jnp.bfloat16), jnp.asarray(memory, jnp.bfloat16))
     for leaf in bf16.values():
@@ -540,8 +544,9 @@ def test_memory_losses_gradients_and_memory_gets_none():
   raw0, memory, idx = make_memory_inputs(2, 4, 3, 12, num_pos, 5, seed=9)
   z0 = np_normalize(raw0)
   with jax.enable_x64(True):
-    lib = lambda raw, mem: losses.memory_vcl_icl_losses(  # noqa: E731
-        losses.l2_normalize(raw), mem, idx, num_pos, tau, T)
+    def lib(raw, mem):
+      return losses.memory_vcl_icl_losses(losses.l2_normalize(raw), mem, idx, num_pos, tau, T)
+
     grads = jit_call(jax.jacrev(lib, argnums=(0, 1)), raw0, memory)
     for name, (grad_emb, grad_mem) in grads.items():
       expected = fd_grad(lambda raw: ref_memory_losses(
@@ -556,8 +561,10 @@ def test_memory_update_exact_with_duplicates():
   memory = rng.uniform(-1, 1, size=(2, 10, 4))
   emb = np_normalize(rng.normal(size=(2, 6, 4)))
   own_idx = np.array([3, 7, 3, 0, 9, 3], np.int32)  # slot 3 three times: the last (b = 5) wins
+  def update(memory, emb):
+    return losses.memory_update(memory, emb, own_idx, 0.5)
+
   with jax.enable_x64(True):
-    update = lambda memory, emb: losses.memory_update(memory, emb, own_idx, 0.5)  # noqa: E731
     updated = np.asarray(jit_call(update, memory, emb))
   expected = ref_memory_update(memory, emb, own_idx, 0.5)
   untouched = [n for n in range(10) if n not in own_idx]
@@ -608,7 +615,9 @@ def test_layer_mcl_loss_matches_reference_and_pair_loop(num_peers, num_stages):
   flat = w5.reshape(-1, 6)
   with jax.enable_x64(True):
     expected = tuple(ref_layer(e, e, y, w5, tau, T))
-    layer = lambda e, w: losses.layer_mcl_loss(e, y, w, tau, T)  # noqa: E731
+    def layer(e, w):
+      return losses.layer_mcl_loss(e, y, w, tau, T)
+
     assert_close(jit_call(layer, e, w5), expected)
     assert_close(jit_call(layer, e, flat), expected)
 
@@ -628,8 +637,9 @@ def test_layer_mcl_gradients_emb_fd_and_weights():
   tau = 0.2
   e0 = np_normalize(e_raw)
   with jax.enable_x64(True):
-    lib = lambda raw, w: jnp.stack(losses.layer_mcl_loss(  # noqa: E731
-        losses.l2_normalize(raw), y, w, tau, T))
+    def lib(raw, w):
+      return jnp.stack(losses.layer_mcl_loss(losses.l2_normalize(raw), y, w, tau, T))
+
     jac_emb, jac_w = jit_call(jax.jacrev(lib, argnums=(0, 1)), e_raw, w5)
     for term in range(4):
       expected = fd_grad(lambda raw: ref_layer(np_normalize(raw), e0, y, w5, tau, T)[term], e_raw)

@@ -96,10 +96,20 @@ def _soft_kl_rows(student_logits, target_logits, temperature) -> Array:
 
 
 def _soft_kl_reduce(rows, temperature, weights=None) -> Array:
-  """Batch-mean of (weighted) KL rows times ``T**2`` over the last axis (divides by B, not sum w)."""
+  """``T**2`` times the batch mean of (weighted) KL rows over the last axis (divides by B)."""
   if weights is not None:
     rows = rows * weights
   return temperature**2 * jnp.sum(rows, axis=-1) / rows.shape[-1]
+
+
+def _intra_transfer_rows(intra, temperature) -> Array:
+  """Soft-VCL KL rows for every (student p, target q): ``[P, B, N] -> [P, P, B]``."""
+  return _soft_kl_rows(intra[:, None], intra[None, :], temperature)
+
+
+def _cross_transfer_rows(cross, temperature) -> Array:
+  """Soft-ICL KL rows of ``cross[p, q]`` against ``sg(cross[q, p])``: ``[P,P,B,N] -> [P,P,B]``."""
+  return _soft_kl_rows(cross, jnp.swapaxes(cross, 0, 1), temperature)
 
 
 def supcon_from_logits(logits, pos_mask, denom_mask, weights=None) -> Array:
@@ -245,13 +255,15 @@ def soft_vcl_loss(emb, tau, T) -> Array:
   Returns:
     Scalar.
   """
-  intra = _intra_similarities(emb, tau)
-  rows = _soft_kl_rows(intra[:, None], intra[None, :], T)  # [K (student), K (target), B]
+  rows = _intra_transfer_rows(_intra_similarities(emb, tau), T)  # [K (student), K (target), B]
   return _sum_ordered_pairs(_soft_kl_reduce(rows, T))
 
 
 def soft_icl_loss(emb, tau, T) -> Array:
-  """Soft ICL, spec 2(e): ``sum_{k != l} KL_T(X_{k,l} || sg(X_{l,k}))``, ``X_{k,l} = z_k z_l^T/tau``.
+  """Soft ICL, spec 2(e): ``sum_{k != l} KL_T(X_{k,l} || sg(X_{l,k}))``.
+
+  ``X_{k,l} = z_k z_l^T / tau``: row a of the student is anchor ``z_k[a]`` against all of peer l,
+  row a of the target is anchor ``z_l[a]`` against all of peer k. Full rows (diagonal included).
 
   Args:
     emb: ``[K, B, D]`` L2-normalised embeddings.
@@ -261,13 +273,15 @@ def soft_icl_loss(emb, tau, T) -> Array:
   Returns:
     Scalar.
   """
-  cross = _peer_similarities(emb, tau)
-  rows = _soft_kl_rows(cross, jnp.swapaxes(cross, 0, 1), T)  # [K, K, B]
+  rows = _cross_transfer_rows(_peer_similarities(emb, tau), T)  # [K, K, B]
   return _sum_ordered_pairs(_soft_kl_reduce(rows, T))
 
 
 def logit_kd_loss(logits, T) -> Array:
-  """Logit mutual learning, spec 2(f) library default: ``sum_k KL_T(logits_k || sg(mean_l logits_l))``.
+  """Logit mutual learning, spec 2(f) default: ``sum_k KL_T(logits_k || sg(mean_l logits_l))``.
+
+  All peers distil from the stop-gradient ensemble (not the official CIFAR K > 2 / ImageNet quirks,
+  spec 6.4).
 
   Args:
     logits: ``[K, B, C]``.
@@ -352,14 +366,12 @@ def memory_vcl_icl_losses(emb, memory, idx, num_pos: int, tau, T) -> dict[str, A
   cross = jnp.einsum('kbjd,lbd->klbj', bank, z) / tau  # [K (memory), K (live), B, J]
   r, valid = _supcon_rows(cross, columns < 1 + num_pos, all_columns)
   icl = _sum_ordered_pairs(_supcon_reduce(r, valid))
-  soft_icl_rows = _soft_kl_rows(cross, jnp.swapaxes(cross, 0, 1), T)
-  soft_icl = _sum_ordered_pairs(_soft_kl_reduce(soft_icl_rows, T))
+  soft_icl = _sum_ordered_pairs(_soft_kl_reduce(_cross_transfer_rows(cross, T), T))
 
   intra = jnp.einsum('kbjd,kbd->kbj', bank[:, :, 1:], z) / tau  # [K, B, J - 1]
   r, valid = _supcon_rows(intra, columns[:-1] < num_pos, all_columns[:-1])
   vcl = jnp.sum(_supcon_reduce(r, valid))
-  soft_vcl_rows = _soft_kl_rows(intra[:, None], intra[None, :], T)
-  soft_vcl = _sum_ordered_pairs(_soft_kl_reduce(soft_vcl_rows, T))
+  soft_vcl = _sum_ordered_pairs(_soft_kl_reduce(_intra_transfer_rows(intra, T), T))
   return {'vcl': vcl, 'soft_vcl': soft_vcl, 'icl': icl, 'soft_icl': soft_icl}
 
 
@@ -504,8 +516,6 @@ def layer_mcl_loss(emb, labels, w, tau, T) -> tuple[Array, Array, Array, Array]:
   vcl = jnp.sum(_supcon_reduce(r, valid, jnp.sum(sym_w, axis=1)))
   r, valid = _supcon_rows(cross, pos_mask, denom_mask)
   icl = jnp.sum(_supcon_reduce(r, valid, sym_w))
-  soft_vcl_rows = _soft_kl_rows(intra[:, None], intra[None, :], T)  # [M, M, B]
-  soft_vcl = jnp.sum(_soft_kl_reduce(soft_vcl_rows, T, sym_w))
-  soft_icl_rows = _soft_kl_rows(cross, jnp.swapaxes(cross, 0, 1), T)
-  soft_icl = jnp.sum(_soft_kl_reduce(soft_icl_rows, T, sym_w))
+  soft_vcl = jnp.sum(_soft_kl_reduce(_intra_transfer_rows(intra, T), T, sym_w))
+  soft_icl = jnp.sum(_soft_kl_reduce(_cross_transfer_rows(cross, T), T, sym_w))
   return vcl, soft_vcl, icl, soft_icl

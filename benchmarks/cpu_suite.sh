@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# One-run CPU comparison: the JAX cohort step per strategy and K against the authors'-style PyTorch
+# step (../shared/bench/torch_mcl_step.py) on the same machine, interleaved so that machine noise
+# hits both. Usage:
+#   JAX_PY=.venv/bin/python TORCH_PY=/path/to/torch-venv/bin/python bash benchmarks/cpu_suite.sh > out.jsonl
+# The PyTorch venv is separate (`python -m venv tv && tv/bin/pip install torch==2.13.0 numpy`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+JAX_PY=${JAX_PY:-.venv/bin/python}
+TORCH_PY=${TORCH_PY:-}
+STEPS=${STEPS:-5}
+TORCH_BENCH=${TORCH_BENCH:-../shared/bench/torch_mcl_step.py}
+PEERS=${PEERS:-"1 2 4"}
+STRATEGIES=${STRATEGIES:-"unroll vmap"}
+for k in $PEERS; do
+  if [[ -n "$TORCH_PY" ]]; then
+    "$TORCH_PY" "$TORCH_BENCH" --peers "$k" --batch 128 --steps "$STEPS" --no-contrastive | sed 's/^{/{"suite":"torch_ce",/'
+    [[ $k -gt 1 ]] && "$TORCH_PY" "$TORCH_BENCH" --peers "$k" --batch 128 --steps "$STEPS" | sed 's/^{/{"suite":"torch_mcl",/'
+  fi
+  for s in $STRATEGIES; do
+    "$JAX_PY" benchmarks/cohort_step.py --arch resnet32 --peers "$k" --batch 128 --method independent --strategy "$s" --steps "$STEPS"
+    [[ $k -gt 1 ]] && "$JAX_PY" benchmarks/cohort_step.py --arch resnet32 --peers "$k" --batch 128 --method mcl --strategy "$s" --steps "$STEPS"
+  done
+  "$JAX_PY" benchmarks/cohort_step.py --arch resnet32 --peers "$k" --batch 128 --method independent --strategy unroll --steps "$STEPS" --no-fast-path
+done
