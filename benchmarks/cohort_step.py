@@ -46,16 +46,16 @@ def build_step(arch, peers, method, strategy, batch, fast_path=True, num_classes
 
 def time_step(train_step, state, data, steps: int, warmup: int = 2):
   t0 = time.perf_counter()
-  state, metrics = train_step(state, data)
+  state, metrics = train_step(state, data, None)
   jax.block_until_ready(metrics)
   compile_s = time.perf_counter() - t0
   for _ in range(warmup):
-    state, metrics = train_step(state, data)
+    state, metrics = train_step(state, data, None)
   jax.block_until_ready(state)
   times = []
   for _ in range(steps):
     t0 = time.perf_counter()
-    state, metrics = train_step(state, data)
+    state, metrics = train_step(state, data, None)
     jax.block_until_ready(state)
     times.append((time.perf_counter() - t0) * 1e3)
   return compile_s, times, state

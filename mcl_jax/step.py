@@ -58,29 +58,45 @@ def create_state(cohort, method, tx, rng, sample_images, train_labels) -> TrainS
                     opt_state=tx.init(params), method_state=method_state)
 
 
-def make_train_step(cohort, method, tx, schedule, data_config, seed: int):
-  """Returns the un-jitted `train_step(state, batch) -> (new_state, metrics)`.
+@flax.struct.dataclass
+class LossContext:
+  """What a method's loss sees besides its own params, state and the batch."""
+  rng: jax.Array           # fold_in(seed, step)-derived key for the method's random choices
+  step: jax.Array          # int32, the step being taken (before the update)
+  peer_params: Any         # the peers' params (e.g. classifier weights for CRCD's gradient term)
+  frozen: Any = None       # frozen variables of the method (e.g. a teacher), never trained/saved
+
+
+def augmented_batch(batch, step, seed: int, aug):
+  """The step's training view of a raw batch: images augmented on device with the key
+  `fold_in(seed, step)` (so the train and meta steps of one step see the same images) and
+  normalised. Returns (batch with float 'image', method rng)."""
+  step_key = jax.random.fold_in(jax.random.key(seed), step)
+  augment_key, method_key = jax.random.split(step_key)
+  images = augment.augment_batch(batch['image'], augment_key, mean=tuple(aug.mean),
+                                 std=tuple(aug.std), pad=aug.crop_padding, flip=aug.flip)
+  return {**batch, 'image': images}, method_key
+
+
+def make_train_step(cohort, method, tx, schedule, aug, seed: int):
+  """Returns the un-jitted `train_step(state, batch, frozen) -> (new_state, metrics)`.
 
   batch: {'image': uint8 [B, H, W, C], 'label': int32 [B], 'index': int32 [B] (position in the
-  training set; used by memory banks)}. metrics: scalars `loss`, one per
-  method term, `lr`, and `finite` (whether every term was finite; the loop stops on False).
+  training set; used by memory banks)}; frozen: the method's frozen variables or None.
+  metrics: scalars `loss`, one per method term, `lr`, and `finite` (whether every term was
+  finite; the loop stops on False).
   """
-  base_key = jax.random.key(seed)
-  mean, std = tuple(data_config.mean), tuple(data_config.std)
 
-  def train_step(state: TrainState, batch):
-    step_key = jax.random.fold_in(base_key, state.step)
-    augment_key, method_key = jax.random.split(step_key)
-    images = augment.augment_batch(batch['image'], augment_key, mean=mean, std=std,
-                                   pad=data_config.crop_padding, flip=data_config.flip)
-    labels = batch['label']
+  def train_step(state: TrainState, batch, frozen=None):
+    batch, method_key = augmented_batch(batch, state.step, seed, aug)
 
     def loss_fn(params):
-      outputs, new_batch_stats = cohort.apply(params['peers'], state.batch_stats, images,
+      outputs, new_batch_stats = cohort.apply(params['peers'], state.batch_stats, batch['image'],
                                               train=True)
-      loss, terms, new_method_state = method.loss(
-          params['method'], state.method_state, outputs, labels, rng=method_key, step=state.step,
-          example_index=batch.get('index'))
+      ctx = LossContext(rng=method_key, step=state.step, peer_params=params['peers'],
+                        frozen=frozen)
+      loss, terms, new_method_state = method.loss(params['method'], state.method_state, outputs,
+                                                  batch, ctx)
       return loss, (terms, new_batch_stats, new_method_state)
 
     (loss, (terms, new_batch_stats, new_method_state)), grads = (
@@ -95,6 +111,21 @@ def make_train_step(cohort, method, tx, schedule, data_config, seed: int):
     return new_state, metrics
 
   return train_step
+
+
+def make_meta_step(cohort, method, schedule, aug, seed: int):
+  """Returns `meta_step(state, batch, frozen) -> state` for methods with a meta-optimisation
+  (`method.meta_every_steps` > 0), run by the loop right after the ordinary update of step t when
+  t % meta_every_steps == 0, on the same batch and augmentation. Only the method state changes."""
+
+  def meta_step(state: TrainState, batch, frozen=None):
+    step = state.step - 1  # the step whose update was just applied
+    batch, method_key = augmented_batch(batch, step, seed, aug)
+    ctx = LossContext(rng=method_key, step=step, peer_params=state.params['peers'], frozen=frozen)
+    new_method_state = method.meta_update(state, batch, ctx, cohort=cohort, lr=schedule(step))
+    return state.replace(method_state=new_method_state)
+
+  return meta_step
 
 
 def make_eval_step(cohort, data_config):

@@ -98,9 +98,16 @@ class Experiment:
     self.train_step = jax.jit(
         step_lib.make_train_step(self.cohort, self.method, self.tx, self.schedule, self.aug,
                                  config.seed),
-        in_shardings=(self.state_sharding, self.batch_sharding),
+        in_shardings=(self.state_sharding, self.batch_sharding, self.replicated),
         out_shardings=(self.state_sharding, self.replicated),
         donate_argnums=0, compiler_options=options)
+    self.frozen = jax.device_put(self.method.load_frozen(config), self.replicated)
+    self.meta_step = None
+    if self.method.meta_every_steps > 0:
+      self.meta_step = jax.jit(
+          step_lib.make_meta_step(self.cohort, self.method, self.schedule, self.aug, config.seed),
+          in_shardings=(self.state_sharding, self.batch_sharding, self.replicated),
+          out_shardings=self.state_sharding, donate_argnums=0, compiler_options=options)
     self.eval_step = jax.jit(step_lib.make_eval_step(self.cohort, self.aug),
                              out_shardings=self.replicated, compiler_options=options)
     self._take = jax.jit(
@@ -243,7 +250,10 @@ def _run(config, workdir, stop, stop_after_steps):
   last_eval = {}
   for step in range(start_step, total):
     t0 = time.perf_counter()
-    state, metrics = exp.train_step(state, exp.batch(step))
+    batch = exp.batch(step)
+    state, metrics = exp.train_step(state, batch, exp.frozen)
+    if exp.meta_step is not None and step % exp.method.meta_every_steps == 0:
+      state = exp.meta_step(state, batch, exp.frozen)
     pending.append(metrics)
     done = step + 1
     if step == start_step:

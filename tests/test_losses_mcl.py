@@ -488,13 +488,14 @@ def test_supcon_bf16_huge_logits_does_not_overflow():
 
 
 def test_jit_equals_no_jit():
-  raw, logits, y = make_inputs(3, 8, 5, seed=8)
+  # Eager mode compiles every op per shape: K = 4 peers and K*S = 2*2 L-MCL nodes share shapes.
+  raw, logits, y = make_inputs(4, 8, 5, seed=8)
   z = losses.l2_normalize(jnp.asarray(raw, jnp.float32))
   logits = jnp.asarray(logits, jnp.float32)
-  memory = losses.l2_normalize(jnp.asarray(np.random.default_rng(0).normal(size=(3, 20, 5)),
+  memory = losses.l2_normalize(jnp.asarray(np.random.default_rng(0).normal(size=(4, 20, 5)),
                                            jnp.float32))
   idx = jnp.asarray(np.random.default_rng(1).integers(0, 20, size=(8, 6)))
-  emb4 = jnp.stack([z, z[::-1]], axis=1)  # [K, S=2, B, D]
+  emb4 = z.reshape(2, 2, 8, 5)  # [K, S, B, D]
   w = losses.layer_match_weights(emb4)
 
   def everything(z, logits, memory, idx, emb4, w):

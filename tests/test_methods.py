@@ -8,12 +8,17 @@ import pytest
 
 from mcl_jax import config_lib, losses, methods
 from mcl_jax.methods import mcl as mcl_lib
+from mcl_jax.step import LossContext
 
 
 def method_config(**kw):
   c = config_lib.base_config().method
   c.update(kw)
   return c
+
+
+def ctx(rng=None):
+  return LossContext(rng=rng, step=jnp.zeros((), jnp.int32), peer_params=None)
 
 
 def np_log_softmax(x):
@@ -28,7 +33,7 @@ def test_dml_matches_numpy():
   labels = rng.integers(0, C, B)
   with jax.enable_x64(True):
     loss, terms, _ = methods.get_method(method_config(name='dml', kd_T=T)).loss(
-        {}, {}, {'logits': jnp.asarray(logits)}, jnp.asarray(labels), rng=None, step=0)
+        {}, {}, {'logits': jnp.asarray(logits)}, {'label': jnp.asarray(labels)}, ctx())
   ce = sum(-np.mean(np_log_softmax(logits[k])[np.arange(B), labels]) for k in range(K))
   kl = 0.0
   for k in range(K):
@@ -64,7 +69,7 @@ def test_mcl_method_equals_loss_function_on_head_embeddings():
   logits = jnp.asarray(rng.normal(size=(3, 6, 5)), jnp.float32)
   labels = jnp.asarray([0, 0, 1, 1, 2, 2])
   outputs = {'logits': logits, 'groups': ({'feature': feats[0]}, {'feature': feats[1]})}
-  total, terms, _ = method.loss(params, state, outputs, labels, rng=None, step=0)
+  total, terms, _ = method.loss(params, state, outputs, {'label': labels}, ctx())
 
   emb = []
   for g, f in enumerate(feats):
@@ -114,8 +119,8 @@ def test_memory_bank_method_updates_own_slots_only():
   feats = jax.random.normal(jax.random.key(1), (2, 3, 6))
   outputs = {'logits': jax.random.normal(jax.random.key(2), (2, 3, 4)),
              'groups': ({'feature': feats},)}
-  loss_fn = lambda p: method.loss(p, state, outputs, jnp.asarray(labels_all[own]),
-                                  rng=jax.random.key(4), step=0, example_index=own)
+  batch = {'label': jnp.asarray(labels_all[own]), 'index': own}
+  loss_fn = lambda p: method.loss(p, state, outputs, batch, ctx(jax.random.key(4)))
   total, terms, new_state = loss_fn(params)
   assert np.isfinite(total) and set(terms) >= {'vcl', 'icl', 'soft_vcl', 'soft_icl', 'ce'}
   changed = np.any(np.asarray(new_state['memory'] != state['memory']), axis=(0, 2))

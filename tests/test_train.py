@@ -63,7 +63,7 @@ def test_train_step_lowers_loss_on_a_fixed_batch(make_config):
   state, batch = exp.init_state(), exp.batch(0)
   losses = []
   for _ in range(6):
-    state, metrics = exp.train_step(state, batch)
+    state, metrics = exp.train_step(state, batch, exp.frozen)
     losses.append(float(metrics['loss']))
   assert losses[-1] < 0.8 * losses[0], losses
   assert int(state.step) == 6

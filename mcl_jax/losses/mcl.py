@@ -19,8 +19,6 @@ Pairwise peer terms are vectorised: one ``[K, K, B, B]`` similarity tensor
 the soft-ICL target of ``(k, l)`` is ``X[l, k]`` (peer axes swapped) and ``k == l`` is masked out.
 """
 
-from typing import Optional
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -172,13 +170,13 @@ def _in_batch_masks(labels, include_self_positive: bool = False) -> tuple[Array,
 
 
 def _intra_similarities(emb, tau) -> Array:
-  """``A[k] = z_k z_k^T / tau``: ``[K, B, D] -> [K, B, B]``."""
+  """``A[k] = z_k z_k^T / tau``: ``[K, B, D] -> [K, B, B]`` (any leading axis, e.g. K*S nodes)."""
   z = _upcast(emb)
   return jnp.einsum('kbd,kcd->kbc', z, z) / tau
 
 
 def _peer_similarities(emb, tau) -> Array:
-  """``X[k, l] = z_k z_l^T / tau`` (anchor from peer k, contrast from peer l): ``[K, K, B, B]``."""
+  """``X[k, l] = z_k z_l^T / tau`` (anchor from k, contrast from l): ``[K,B,D] -> [K,K,B,B]``."""
   z = _upcast(emb)
   return jnp.einsum('kbd,lcd->klbc', z, z) / tau
 
@@ -414,13 +412,6 @@ def _other_peers(num_peers: int) -> np.ndarray:
   return m + (m >= np.arange(num_peers)[:, None])
 
 
-def _other_peer_slots(num_peers: int) -> np.ndarray:
-  """``slot[i, j]``: position of peer j in i's list of other peers (j != i); diagonal is dummy 0."""
-  i = np.arange(num_peers)[:, None]
-  j = np.arange(num_peers)[None, :]
-  return np.clip(np.where(j < i, j, j - 1), 0, None)
-
-
 def layer_match_weights(proj_feats) -> Array:
   """Per-sample layer-matching weights ``sigmoid(cos(p_{i,s}[b], p_{j,t}[b]))``, spec 1.2.
 
@@ -445,9 +436,8 @@ def _node_pair_weights(w, num_peers: int, num_stages: int) -> Array:
   """
   batch = w.shape[-1]
   w = w.reshape(num_peers, num_peers - 1, num_stages, num_stages, batch)
-  peer = np.arange(num_peers)
-  full = w[peer[:, None], _other_peer_slots(num_peers)]  # [K (i), K (j), S, S, B]
-  full = jnp.where((peer[:, None] != peer[None, :])[:, :, None, None, None], full, 0.0)
+  full = jnp.zeros((num_peers, num_peers) + w.shape[2:], w.dtype).at[
+      np.arange(num_peers)[:, None], _other_peers(num_peers)].set(w)  # [K (i), K (j), S, S, B]
   nodes = num_peers * num_stages
   return jnp.transpose(full, (0, 2, 1, 3, 4)).reshape(nodes, nodes, batch)
 
@@ -504,12 +494,12 @@ def layer_mcl_loss(emb, labels, w, tau, T) -> tuple[Array, Array, Array, Array]:
   num_peers, num_stages, batch, dim = emb.shape
   nodes = num_peers * num_stages
   z = _upcast(emb).reshape(nodes, batch, dim)
-  pair_w = _node_pair_weights(_upcast(w), num_peers, num_stages)  # [M, M, B]
+  pair_w = _node_pair_weights(_upcast(w), num_peers, num_stages)  # [M, M, B], M = K*S
   sym_w = pair_w + jnp.swapaxes(pair_w, 0, 1)
   pos_mask, denom_mask = _in_batch_masks(labels)
 
-  intra = jnp.einsum('ubd,ucd->ubc', z, z) / tau  # [M, B, B]
-  cross = jnp.einsum('ubd,vcd->uvbc', z, z) / tau  # [M, M, B, B]
+  intra = _intra_similarities(z, tau)  # [M, B, B]
+  cross = _peer_similarities(z, tau)  # [M, M, B, B]
 
   # A_u is `ea` of (u, v) with weight W[u, v] and `eb` of (v, u) with weight W[v, u].
   r, valid = _supcon_rows(intra, pos_mask, denom_mask)

@@ -32,12 +32,28 @@ class Method:
     del rng, cohort, train_labels
     return {}, {}
 
-  def loss(self, params, state, outputs, labels, *, rng, step, example_index=None):
+  # Methods with a meta-optimisation (L-MCL) set this > 0 and implement `meta_update`.
+  meta_every_steps = 0
+
+  def load_frozen(self, config):
+    """Frozen variables (e.g. a trained teacher) passed to every step as `ctx.frozen`; never
+    trained, never checkpointed with the run. None when the method has none."""
+    del config
+    return None
+
+  def loss(self, params, state, outputs, batch, ctx):
     """Returns (total loss, {term name: unweighted scalar}, new state).
 
-    outputs: the cohort's outputs ('logits' [K, B, C], 'groups': per-group model outputs).
-    labels: [B]; example_index: [B] training-set indices of the batch (memory banks).
+    outputs: the cohort's outputs ('logits' [K, B, C], 'groups': per-group model outputs with
+      'feature' [K_g, B, d_g] and 'stages').
+    batch: 'image' (augmented, normalised) [B, H, W, C], 'label' [B], 'index' [B] (training-set
+      positions, for memory banks).
+    ctx: a `mcl_jax.step.LossContext` (rng, step, peer_params, frozen).
     """
+    raise NotImplementedError
+
+  def meta_update(self, state, batch, ctx, *, cohort, lr):
+    """New method state after a meta-optimisation round (see `mcl_jax.step.make_meta_step`)."""
     raise NotImplementedError
 
 
@@ -50,8 +66,8 @@ def ordered_pairs(num_peers: int) -> tuple[np.ndarray, np.ndarray]:
 class Independent(Method):
   """K peers trained side by side with no interaction: sum_k CE_k (the baseline)."""
 
-  def loss(self, params, state, outputs, labels, *, rng, step, example_index=None):
-    ce = losses.ce_loss(outputs['logits'], labels)
+  def loss(self, params, state, outputs, batch, ctx):
+    ce = losses.ce_loss(outputs['logits'], batch['label'])
     return ce, {'ce': ce}, state
 
 
@@ -61,10 +77,10 @@ class DML(Method):
   All K(K-1) ordered pairs are computed at once; `kd_T` is the temperature.
   """
 
-  def loss(self, params, state, outputs, labels, *, rng, step, example_index=None):
+  def loss(self, params, state, outputs, batch, ctx):
     logits = outputs['logits']
     num_peers = logits.shape[0]
-    ce = losses.ce_loss(logits, labels)
+    ce = losses.ce_loss(logits, batch['label'])
     if num_peers == 1:
       return ce, {'ce': ce, 'dml': jnp.zeros(())}, state
     k, l = ordered_pairs(num_peers)

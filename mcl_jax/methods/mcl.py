@@ -56,15 +56,16 @@ class MCL(Method):
                                 minval=-bound, maxval=bound)
     return params, {'memory': memory, **class_index(train_labels)}
 
-  def loss(self, params, state, outputs, labels, *, rng, step, example_index=None):
+  def loss(self, params, state, outputs, batch, ctx):
     c = self.config
+    labels, example_index = batch['label'], batch.get('index')
     emb = peer_embeddings(self.head, params['heads'], outputs)
     if not c.memory_bank:
       return (*losses.mcl_loss(emb, outputs['logits'], labels, tau=c.tau, T=c.kd_T,
                                alpha=c.alpha, beta=c.beta, gamma=c.gamma, lam=c.lam,
                                logit_kd=c.logit_kd,
                                include_self_positive=c.include_self_positive), state)
-    idx = sample_contrast_indices(rng, example_index, labels, state, c.num_positives,
+    idx = sample_contrast_indices(ctx.rng, example_index, labels, state, c.num_positives,
                                   c.num_negatives)
     terms = losses.memory_vcl_icl_losses(emb, state['memory'], idx, c.num_positives, c.tau,
                                          c.kd_T)
