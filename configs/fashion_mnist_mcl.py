@@ -3,15 +3,16 @@ r"""Quick start: a cohort of two peers on the embedded Fashion-MNIST subset (20k
     python -m mcl_jax.main --config configs/fashion_mnist_mcl.py --workdir /tmp/fmnist_mcl
 
 Arguments (`--config configs/fashion_mnist_mcl.py:method=dml,peers=2`): method, arch, peers,
-epochs, smoke. Expected (measured on the 2-core CPU, see README): see README's results table.
+epochs, seed, smoke. Expected (measured on the 2-core CPU, see README): see README's results table.
 """
 from mcl_jax import config_lib
 
 
 def get_config(arg=None):
-  args = config_lib.parse_arg(arg, method='mcl', arch='resnet8', peers=2, epochs=10.0,
+  args = config_lib.parse_arg(arg, method='mcl', arch='resnet8', peers=2, epochs=10.0, seed=0,
                               smoke=False)
   c = config_lib.base_config()
+  c.seed = args['seed']
   c.data.name = 'fashion_mnist'
   c.data.crop_padding = 2
   c.data.flip = True
