@@ -61,6 +61,32 @@ def time_step(train_step, state, data, steps: int, warmup: int = 2):
   return compile_s, times, state
 
 
+def breakdown(cohort, state, data, steps: int, fast_path: bool) -> dict:
+  """Median ms of the step's parts, each jitted on its own: augmentation + forward of all peers
+  (train mode), forward + backward (CE of every peer), and the full step is timed by the caller."""
+  from mcl_jax import augment, losses  # pylint: disable=g-import-not-at-top
+  options = step_lib.compiler_options(enabled=fast_path)
+  images = augment.augment_batch(data['image'], jax.random.key(0), mean=(0.5,) * 3,
+                                 std=(0.25,) * 3, pad=4, flip=True)
+
+  def forward(params):
+    out, _ = cohort.apply(params, state.batch_stats, images, train=True)
+    return losses.ce_loss(out['logits'], data['label'])
+
+  parts = {'forward': jax.jit(forward, compiler_options=options),
+           'forward_backward': jax.jit(jax.grad(forward), compiler_options=options)}
+  out = {}
+  for name, fn in parts.items():
+    jax.block_until_ready(fn(state.params['peers']))
+    times = []
+    for _ in range(steps):
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn(state.params['peers']))
+      times.append((time.perf_counter() - t0) * 1e3)
+    out[f'{name}_ms_median'] = round(statistics.median(times), 1)
+  return out
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   ap.add_argument('--arch', default='resnet32')
@@ -72,11 +98,15 @@ def main(argv=None):
   ap.add_argument('--warmup', type=int, default=2)
   ap.add_argument('--no-fast-path', action='store_true',
                   help='compile without the XLA:CPU option of mcl_jax.step.CPU_COMPILER_OPTIONS')
+  ap.add_argument('--breakdown', action='store_true',
+                  help='also time forward and forward+backward alone')
   args = ap.parse_args(argv)
   cohort, state, train_step, data = build_step(args.arch, args.peers, args.method, args.strategy,
                                                args.batch, fast_path=not args.no_fast_path)
+  parts = (breakdown(cohort, state, data, args.steps, not args.no_fast_path)
+           if args.breakdown else {})
   compile_s, times, _ = time_step(train_step, state, data, args.steps, args.warmup)
-  print(json.dumps({
+  print(json.dumps({**parts,
       'arch': args.arch, 'peers': args.peers, 'batch': args.batch, 'method': args.method,
       'strategy': args.strategy, 'resolved_strategy': cohort.strategy,
       'backend': jax.default_backend(), 'fast_path': not args.no_fast_path,

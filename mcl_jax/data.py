@@ -345,7 +345,8 @@ def _tfds_missing(name: str, data_dir: str) -> str:
 _TFDS_MISSING_ERRORS = (NotImplementedError, KeyError, AssertionError, FileNotFoundError)
 
 
-def _tfds_data_source(name: str, split: str, data_dir: str) -> Sequence[dict[str, Any]]:
+def _tfds_data_source(name: str, split: str, data_dir: str,
+                      skip_image_decoding: bool = False) -> Sequence[dict[str, Any]]:
   """The random-access (array_record) tfds source of ``split``; FileNotFoundError if missing."""
   tfds_split = _spec(name).tfds_splits[split]
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top (slow-ish, optional)
@@ -354,9 +355,32 @@ def _tfds_data_source(name: str, split: str, data_dir: str) -> Sequence[dict[str
     builder = tfds.builder(name, data_dir=data_dir, file_format='array_record')
     if not builder.is_prepared():
       raise FileNotFoundError(_tfds_missing(name, data_dir))
-    return builder.as_data_source(split=tfds_split)
+    decoders = {'image': tfds.decode.SkipDecoding()} if skip_image_decoding else None
+    return builder.as_data_source(split=tfds_split, decoders=decoders)
   except _TFDS_MISSING_ERRORS as e:
     raise FileNotFoundError(_tfds_missing(name, data_dir)) from e
+
+
+def train_labels(name: str, data_dir: str | None = None,
+                 cache_dir: str | None = None) -> np.ndarray:
+  """int32 ``[N]`` labels of the training split (memory banks sample positives by class).
+
+  In-memory sets read them from the loaded split. For ``imagenet2012`` they are read once from
+  the tfds records without decoding images (one pass over the data, minutes) and cached as
+  ``<cache_dir>/imagenet2012_train_labels.npy`` (the run's workdir), so a resumed run starts fast.
+  """
+  if name in IN_MEMORY_NAMES:
+    return load(name, 'train', data_dir).labels
+  cache = os.path.join(cache_dir, f'{name}_train_labels.npy') if cache_dir else None
+  if cache and os.path.exists(cache):
+    return np.load(cache)
+  source = _tfds_data_source(name, 'train', resolve_tfds_data_dir(data_dir),
+                             skip_image_decoding=True)
+  labels = np.fromiter((record['label'] for record in source), np.int32, count=len(source))
+  if cache:
+    os.makedirs(cache_dir, exist_ok=True)
+    np.save(cache, labels)
+  return labels
 
 
 # ----------------------------------------------------------------------------------------------
@@ -536,6 +560,11 @@ def imagenet_train_transform(record: dict[str, Any], rng: np.random.Generator,
   return {'image': np.ascontiguousarray(pixels), 'label': np.int32(record['label'])}
 
 
+def _indexed_train_example(index: int, rng: np.random.Generator, *, source,
+                           image_size: int) -> dict[str, np.ndarray]:
+  return {**imagenet_train_transform(source[index], rng, image_size), 'index': np.int32(index)}
+
+
 def imagenet_eval_transform(record: dict[str, Any], image_size: int = 224,
                             resize_size: int | None = None) -> dict[str, np.ndarray]:
   """Resize the shorter side to ``resize_size`` (default 256/224 * image_size), center crop."""
@@ -606,7 +635,8 @@ def imagenet_iterator(split: str, data_dir: str | None, global_batch: int, seed:
 
   Yields:
     ``{'image': uint8 [b, image_size, image_size, 3], 'label': int32 [b]}`` with
-    ``b = global_batch // shard_count``, plus ``'mask': bool [b]`` when ``train=False``.
+    ``b = global_batch // shard_count``, plus ``'index': int32 [b]`` (position in the split) when
+    ``train=True`` and ``'mask': bool [b]`` when ``train=False``.
   """
   import grain  # pylint: disable=g-import-not-at-top
   _check_split(split)
@@ -623,9 +653,11 @@ def imagenet_iterator(split: str, data_dir: str | None, global_batch: int, seed:
   shuffle_seed, augment_seed = map(int, np.random.SeedSequence([seed, 2012]).generate_state(2))
 
   if train:
-    stream = grain.MapDataset.source(source).shuffle(seed=shuffle_seed).repeat()
-    stream = stream.random_map(functools.partial(imagenet_train_transform, image_size=image_size),
-                               seed=augment_seed)
+    # Shuffle example *indices* so every batch also carries each example's position in the
+    # training set (memory banks are indexed by it).
+    stream = grain.MapDataset.range(len(source)).shuffle(seed=shuffle_seed).repeat()
+    stream = stream.random_map(functools.partial(_indexed_train_example, source=source,
+                                                 image_size=image_size), seed=augment_seed)
   else:
     padded_length = -(-len(source) // global_batch) * global_batch
     stream = grain.MapDataset.source(_PaddedEvalSource(source, padded_length, image_size))

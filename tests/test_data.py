@@ -351,9 +351,13 @@ def test_imagenet_train_stream_is_deterministic_resumable_and_sharded():
   for epoch in range(2):
     ids = stream[37 * epoch:37 * (epoch + 1)]
     np.testing.assert_array_equal(np.sort(ids), np.sort(labels))
+  # Each example carries its position in the split (memory banks are indexed by it).
+  index = np.concatenate([b['index'] for b in batches])
+  np.testing.assert_array_equal(labels[index], stream)
+  np.testing.assert_array_equal(np.sort(index[:37]), np.arange(37))
   for step in (4, 7):
     resumed = next(_imagenet(start_step=step))
-    for key in ('image', 'label'):
+    for key in ('image', 'label', 'index'):
       np.testing.assert_array_equal(resumed[key], batches[step][key])
   for shard in range(2):
     part = next(_imagenet(start_step=2, shard_index=shard, shard_count=2))
