@@ -72,7 +72,7 @@ def _wrn_16_2_params(num_classes):
 
 
 def test_archs_registered():
-    assert set(models.ARCHS) == set(CIFAR_ARCHS) | set(IMAGENET_ARCHS)
+    assert set(CIFAR_ARCHS) | set(IMAGENET_ARCHS) <= set(models.ARCHS)
 
 
 @pytest.mark.parametrize("arch", CIFAR_ARCHS + IMAGENET_ARCHS)
