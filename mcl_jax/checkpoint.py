@@ -2,21 +2,61 @@
 
 Layout under `<workdir>/checkpoints/`: `latest/<step>/` (kept: `keep` newest) and `best/<step>/`
 (kept: 1, by `eval/best_peer/top1`). Each step holds `state` (the TrainState pytree) and `meta`
-(JSON: the run's identity and progress). The data position needs no saving: batches are a pure
-function of (seed, step).
+(JSON: the run's identity, progress and a checksum per state leaf). The data position needs no
+saving: batches are a pure function of (seed, step).
 """
 from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 
 class CheckpointError(RuntimeError):
   """A checkpoint that cannot be used for this run; the message says why and what to do."""
+
+
+class UnrestorableCheckpoint(CheckpointError):
+  """One checkpoint is damaged (killed mid-write, truncated, deleted or corrupted files)."""
+
+
+def checksums(state) -> dict[str, int]:
+  """{leaf path: uint32 checksum of its bits}, computed on device.
+
+  Stored in each checkpoint's meta and compared after restore: a byte flipped inside a compressed
+  array file restores without any error from Orbax, as garbage values.
+  """
+  paths, leaves = zip(*jax.tree_util.tree_leaves_with_path(state))
+  sums = jax.device_get(_leaf_checksums(list(leaves)))
+  return {jax.tree_util.keystr(path): int(s) for path, s in zip(paths, sums)}
+
+
+@jax.jit
+def _leaf_checksums(leaves):
+  return [_checksum(leaf) for leaf in leaves]
+
+
+def _checksum(x):
+  """Sum of the bits of every element times an odd weight (mod 2**32): any changed element shows."""
+  if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_:
+    bits = x.astype(jnp.uint8)
+  else:
+    bits = jax.lax.bitcast_convert_type(x, jnp.dtype(f'uint{8 * x.dtype.itemsize}'))
+  weights = 2 * jnp.arange(bits.size, dtype=jnp.uint32) + 1
+  return jnp.sum(bits.ravel().astype(jnp.uint32) * weights, dtype=jnp.uint32)
+
+
+def _short(e: Exception) -> str:
+  """`Type: first line` of an error (TensorStore errors run to pages)."""
+  return f'{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ""}'
 
 
 def _manager(directory: str, max_to_keep: int, async_save: bool) -> ocp.CheckpointManager:
@@ -41,8 +81,8 @@ class Checkpointer:
 
   def save(self, state, meta: dict, *, best: bool = False) -> None:
     step = int(jax.device_get(state.step))
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                              meta=ocp.args.JsonSave({**meta, 'identity': self.identity}))
+    meta = {**meta, 'identity': self.identity, 'checksums': checksums(state)}
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
     if step not in self.latest.all_steps():
       self.latest.save(step, args=args)
     if best:
@@ -55,10 +95,11 @@ class Checkpointer:
   def restore_latest(self, abstract_state) -> tuple[Any, dict] | None:
     """Newest restorable checkpoint as (state, meta), or None when the workdir has none.
 
-    A checkpoint that fails to restore (killed mid-write, truncated or deleted files) is skipped
-    with a warning naming it and the previous one is tried. If checkpoints exist but none can be
-    restored, or they belong to a different run identity, raises CheckpointError: a workdir that
-    holds a run is never silently trained over.
+    A checkpoint that fails to restore (killed mid-write, truncated, deleted or corrupted files) is
+    skipped with a warning naming it and the previous one is tried; once one restores, the skipped
+    ones are moved to `checkpoints/unrestorable/` so that training can save those steps again. If
+    checkpoints exist but none can be restored, or they belong to a different run identity, raises
+    CheckpointError: a workdir that holds a run is never silently trained over.
     """
     steps = sorted(self.latest.all_steps(), reverse=True)
     if not steps:
@@ -66,27 +107,69 @@ class Checkpointer:
     problems = []
     for step in steps:
       try:
-        meta = self.latest.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
-      except Exception as e:  # pylint: disable=broad-except
-        problems.append(f'step {step}: unreadable metadata ({type(e).__name__}: {e})')
-        logging.warning('Skipping checkpoint at step %d: %s', step, problems[-1])
-        continue
-      self._check_identity(step, meta)
-      try:
-        restored = self.latest.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state)))
-      except Exception as e:  # pylint: disable=broad-except
-        problems.append(f'step {step}: {type(e).__name__}: {e}')
-        logging.warning('Skipping checkpoint at step %d (%s); trying an older one.', step, e)
+        restored = self._restore(self.latest, step, abstract_state)
+      except UnrestorableCheckpoint as e:
+        problems.append(str(e))
+        logging.warning('Skipping checkpoint: %s; trying an older one.', e)
         continue
       if problems:
         logging.warning('Resumed from step %d after skipping: %s', step, '; '.join(problems))
-      return restored['state'], meta
+        self._set_aside([s for s in steps if s > step])
+      return restored
     raise CheckpointError(
         f'None of the checkpoints in {self.latest.directory} (steps {steps}) can be restored:\n  '
         + '\n  '.join(problems) +
         '\nThe workdir holds a run, so it is not overwritten. Use a new --workdir, or move the '
         'checkpoints directory away to start over.')
+
+  def restore(self, step: int, abstract_state) -> tuple[Any, dict]:
+    """The checkpoint of `step` (latest series, else best) as (state, meta); CheckpointError if
+    there is none or it cannot be restored."""
+    for manager in (self.latest, self.best):
+      if step in manager.all_steps():
+        return self._restore(manager, step, abstract_state)
+    available = sorted(set(self.latest.all_steps()) | set(self.best.all_steps()))
+    raise CheckpointError(f'No checkpoint of step {step} in {os.path.dirname(self.latest.directory)}'
+                          f'; the steps saved are {available}.')
+
+  def _set_aside(self, steps) -> None:
+    """Moves the unrestorable `steps` of the latest series to `checkpoints/unrestorable/`."""
+    aside = os.path.join(os.path.dirname(self.latest.directory), 'unrestorable')
+    if jax.process_index() == 0:
+      os.makedirs(aside, exist_ok=True)
+      for step in steps:
+        target = os.path.join(aside, f'{step}-{time.strftime("%Y%m%d-%H%M%S")}')
+        os.rename(os.path.join(self.latest.directory, str(step)), target)
+        logging.warning('Moved the unrestorable checkpoint of step %d to %s.', step, target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices('mcl_jax checkpoints set aside')
+    self.latest.reload()
+
+  def _restore(self, manager, step: int, abstract_state) -> tuple[Any, dict]:
+    """(state, meta) of one checkpoint; UnrestorableCheckpoint naming the step and the damage."""
+    where = f'step {step} in {manager.directory}'
+    try:
+      meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+    except Exception as e:  # pylint: disable=broad-except
+      raise UnrestorableCheckpoint(f'{where}: unreadable metadata ({_short(e)})') from e
+    self._check_identity(step, meta)
+    try:
+      state = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state)))['state']
+    except Exception as e:  # pylint: disable=broad-except
+      raise UnrestorableCheckpoint(f'{where}: unreadable state ({_short(e)})') from e
+    expected = meta.get('checksums')
+    if expected is not None:
+      bad = [path for path, value in checksums(state).items() if expected.get(path) != value]
+      if bad:
+        raise UnrestorableCheckpoint(f'{where}: corrupted data, checksum mismatch in {len(bad)} '
+                                     f'arrays ({", ".join(bad[:3])}{", ..." * (len(bad) > 3)})')
+    return state, meta
+
+  def reached_preemption(self, step: int) -> bool:
+    """Multi-host: True at the step all hosts agreed to stop at after a preemption notice (JAX's
+    preemption sync service, which handles SIGTERM there). Always False on a single host."""
+    return self.latest.reached_preemption(step)
 
   def _check_identity(self, step: int, meta: dict) -> None:
     saved = meta.get('identity', {})

@@ -84,33 +84,43 @@ class Cohort:
       images: `[B, H, W, C]`, shared by all peers.
     Returns:
       (outputs, new_batch_stats): outputs is a dict with 'logits' `[K, B, C]` (groups concatenated
-      in order) and 'groups', a tuple of the per-group model outputs with leading `[K_g]` axes
-      ('feature' `[K_g, B, d_g]`, 'stages', ...). new_batch_stats is batch_stats when not training.
+      in order; the branches of a multi-branch model are consecutive peers) and 'groups', a
+      tuple of the per-group model outputs with leading `[K_g]` axes ('feature' `[K_g, B, d_g]`,
+      'stages', ...). new_batch_stats is batch_stats when not training.
     """
     group_outputs, new_stats = [], []
     for group, p, bs in zip(self.groups, params, batch_stats):
       out, stats = apply_group(group.model, p, bs, images, train=train, strategy=self.strategy)
       group_outputs.append(out)
       new_stats.append(stats)
-    logits = jnp.concatenate([o['logits'] for o in group_outputs], axis=0)
+    # A multi-branch model's logits [K_g, M, B, C] count as K_g * M peers (MCL-OKD's branches).
+    logits = jnp.concatenate([o['logits'].reshape((-1,) + o['logits'].shape[-2:])
+                              for o in group_outputs], axis=0)
     return {'logits': logits, 'groups': tuple(group_outputs)}, tuple(new_stats)
 
 
-def apply_group(model: nn.Module, params, batch_stats, images, *, train: bool, strategy: str):
-  """Applies K_g stacked peers of one architecture. Returns (outputs `[K_g, ...]`, batch_stats)."""
+def apply_group(model: nn.Module, params, batch_stats, images, *, train: bool, strategy: str,
+                per_peer_inputs: bool = False):
+  """Applies K_g stacked peers of one architecture. Returns (outputs `[K_g, ...]`, batch_stats).
 
-  def apply_one(p, bs):
+  images: `[B, ...]` shared by all peers, or with `per_peer_inputs` `[K_g, B, ...]`, one input per
+  peer (e.g. L-MCL's auxiliary branches on each peer's own stage map).
+  """
+
+  def apply_one(p, bs, x):
     variables = {'params': p, 'batch_stats': bs}
     if train:
-      out, updates = model.apply(variables, images, train=True, mutable=['batch_stats'])
+      out, updates = model.apply(variables, x, train=True, mutable=['batch_stats'])
       return out, updates['batch_stats']
-    return model.apply(variables, images, train=False), bs
+    return model.apply(variables, x, train=False), bs
 
   if strategy == 'vmap':
-    return jax.vmap(apply_one)(params, batch_stats)
+    return jax.vmap(apply_one, in_axes=(0, 0, 0 if per_peer_inputs else None))(
+        params, batch_stats, images)
   if strategy == 'unroll':
     num_peers = jax.tree.leaves(params)[0].shape[0]
-    per_peer = [apply_one(peer_slice(params, k), peer_slice(batch_stats, k))
+    per_peer = [apply_one(peer_slice(params, k), peer_slice(batch_stats, k),
+                          images[k] if per_peer_inputs else images)
                 for k in range(num_peers)]
     return stack_trees(per_peer)
   raise ValueError(f'unresolved cohort strategy {strategy!r}')

@@ -30,6 +30,9 @@ METHOD_DEFAULTS = dict(
     meta_every_steps=50,
     meta_inner_steps=2,
     meta_grad='exact',
+    meta_weight_decay=5e-4,  # L-MCL: wd of the virtual steps and of phi's SGD (= optim.weight_decay)
+    branch_blocks=0,    # L-MCL: blocks per stage of the auxiliary branches (0: as the backbone)
+    distill_fraction=1.0,  # CRCD: distillation terms on for this fraction of the steps, then CE only
 )
 
 
@@ -51,9 +54,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.method = ml_collections.ConfigDict(METHOD_DEFAULTS)
   c.optim = ml_collections.ConfigDict(dict(
       lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4, wd_mask='all',
-      schedule='cosine', per_epoch=True, warmup_epochs=0.0, milestones=(), decay_factor=0.1))
+      schedule='cosine', per_epoch=True, warmup_epochs=0.0, milestones=(), decay_factor=0.1,
+      # Larger global batches (more hosts): 'linear' uses lr * batch_size / lr_reference_batch
+      # (Goyal et al. 2017; pair it with warmup_epochs ~5 beyond 4x), 'none' uses lr as given.
+      lr_scaling='none', lr_reference_batch=256))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, peer=1))
   c.teacher = ml_collections.ConfigDict(dict(arch='', checkpoint=''))
+  # Distillation methods size their teacher-side heads from it: set teacher.arch, not this.
+  c.method.teacher_arch = c.teacher.get_ref('arch')
 
   c.log_every_steps = 50
   c.ckpt_every_steps = 1000
@@ -138,6 +146,20 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
   check(c.method.tau > 0, 'method.tau', c.method.tau, 'must be > 0')
   check(c.method.meta_grad in ('exact', 'official'), 'method.meta_grad', c.method.meta_grad,
         "must be 'exact' or 'official'")
+  for key in ('dml_weight', 'alpha', 'gamma', 'beta', 'lam'):  # loss weights
+    check(c.method[key] >= 0, f'method.{key}', c.method[key], 'must be >= 0')
+  for key in ('embed_dim', 'num_positives', 'num_negatives', 'samples_per_class',
+              'meta_inner_steps'):
+    check(c.method[key] >= 1, f'method.{key}', c.method[key], 'must be >= 1')
+  check(c.method.meta_every_steps >= 0, 'method.meta_every_steps', c.method.meta_every_steps,
+        'must be >= 0')
+  check(0 <= c.method.memory_momentum <= 1, 'method.memory_momentum', c.method.memory_momentum,
+        'must be in [0, 1]')
+  check(c.seed >= 0, 'seed', c.seed, 'must be >= 0')
+  check(c.data.crop_padding >= 0, 'data.crop_padding', c.data.crop_padding,
+        'must be >= 0 (0: no random crop)')
+  check(c.data.eval_batch_size >= 1, 'data.eval_batch_size', c.data.eval_batch_size,
+        'must be >= 1')
   archs = list(c.model.archs) or [c.model.arch]
   for arch in archs:
     check(arch in models.ARCHS, 'model.archs' if c.model.archs else 'model.arch', arch,
@@ -154,6 +176,15 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
   check(c.optim.weight_decay >= 0, 'optim.weight_decay', c.optim.weight_decay, 'must be >= 0')
   check(c.optim.wd_mask in ('all', 'no_bn_bias'), 'optim.wd_mask', c.optim.wd_mask,
         "must be 'all' or 'no_bn_bias'")
+  check(c.optim.lr_scaling in ('none', 'linear'), 'optim.lr_scaling', c.optim.lr_scaling,
+        "must be 'none' or 'linear'")
+  check(c.optim.lr_reference_batch >= 1, 'optim.lr_reference_batch', c.optim.lr_reference_batch,
+        'must be >= 1')
+  check(c.optim.warmup_epochs >= 0, 'optim.warmup_epochs', c.optim.warmup_epochs, 'must be >= 0')
+  check(c.optim.decay_factor > 0, 'optim.decay_factor', c.optim.decay_factor, 'must be > 0')
+  milestones = list(c.optim.milestones)
+  check(milestones == sorted(milestones) and all(m > 0 for m in milestones), 'optim.milestones',
+        c.optim.milestones, 'must be increasing epochs > 0, e.g. (150, 180, 210)')
 
   num_devices = num_devices or jax.device_count()
   peer = c.mesh.peer

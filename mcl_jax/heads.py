@@ -22,6 +22,18 @@ class EmbeddingHead(nn.Module):
     return l2_normalize(nn.Dense(self.dim, name='fc2')(x))
 
 
+class LinearEmbeddingHead(nn.Module):
+  """Dense(d -> dim) (with bias) -> L2-normalise: CRD's `Embed`, used by MCL-OKD and CRCD.
+
+  `[B, d] -> [B, dim]`, rows of unit norm.
+  """
+  dim: int = 128
+
+  @nn.compact
+  def __call__(self, features):
+    return l2_normalize(nn.Dense(self.dim, name='fc')(features.astype(jnp.float32)))
+
+
 def init_stacked(module: nn.Module, rng, num: int, feature_dim: int):
   """`num` independently initialised copies of `module`'s params, stacked on a leading axis."""
   sample = jnp.zeros((1, feature_dim), jnp.float32)

@@ -15,7 +15,21 @@ def epochs_to_steps(epochs: float, steps_per_epoch: int) -> int:
   return int(round(epochs * steps_per_epoch))
 
 
-def make_schedule(optim_config, total_steps: int, steps_per_epoch: int) -> optax.Schedule:
+def scaled_lr(optim_config, batch_size: int | None = None) -> float:
+  """The base learning rate for a global batch: `lr` (`lr_scaling='none'`), or
+  `lr * batch_size / lr_reference_batch` (`'linear'`, the rule for growing the batch with hosts)."""
+  rule = optim_config.get('lr_scaling', 'none')
+  if rule == 'none':
+    return optim_config.lr
+  if rule == 'linear':
+    if batch_size is None:
+      raise ValueError("optim.lr_scaling='linear' needs the global batch size.")
+    return optim_config.lr * batch_size / optim_config.get('lr_reference_batch', 256)
+  raise ValueError(f"optim.lr_scaling={rule!r} is not one of 'none', 'linear'.")
+
+
+def make_schedule(optim_config, total_steps: int, steps_per_epoch: int,
+                  batch_size: int | None = None) -> optax.Schedule:
   """Learning rate as a function of the global step.
 
   `cosine`:    lr * 0.5 * (1 + cos(pi * t / T)). With `per_epoch=True` (the authors' code), t is the
@@ -24,7 +38,7 @@ def make_schedule(optim_config, total_steps: int, steps_per_epoch: int) -> optax
   `constant`:  lr.
   Optional linear warm-up over `warmup_epochs`.
   """
-  base_lr = optim_config.lr
+  base_lr = scaled_lr(optim_config, batch_size)
   per_epoch = optim_config.get('per_epoch', True)
   warmup_steps = epochs_to_steps(optim_config.get('warmup_epochs', 0.0), steps_per_epoch)
   name = optim_config.schedule
@@ -82,13 +96,14 @@ def weight_decay_mask(params, mode: str):
   raise ValueError(f"optim.wd_mask={mode!r} is not one of 'all', 'no_bn_bias'.")
 
 
-def make_optimizer(optim_config, total_steps: int, steps_per_epoch: int):
+def make_optimizer(optim_config, total_steps: int, steps_per_epoch: int,
+                   batch_size: int | None = None):
   """SGD (heavy-ball or Nesterov momentum) with coupled weight decay, as torch.optim.SGD.
 
   Returns (optax transformation, lr schedule). Weight decay is added to the gradient before the
   momentum, exactly like PyTorch's SGD(weight_decay=...), which the reference numbers were made with.
   """
-  schedule = make_schedule(optim_config, total_steps, steps_per_epoch)
+  schedule = make_schedule(optim_config, total_steps, steps_per_epoch, batch_size)
   tx = optax.chain(
       optax.add_decayed_weights(optim_config.weight_decay,
                                 mask=lambda params: weight_decay_mask(params, optim_config.wd_mask)),

@@ -65,6 +65,8 @@ class LossContext:
   step: jax.Array          # int32, the step being taken (before the update)
   peer_params: Any         # the peers' params (e.g. classifier weights for CRCD's gradient term)
   frozen: Any = None       # frozen variables of the method (e.g. a teacher), never trained/saved
+  # The cohort (static): methods that run extra per-peer modules (L-MCL's auxiliary branches).
+  cohort: Any = flax.struct.field(pytree_node=False, default=None)
 
 
 def augmented_batch(batch, step, seed: int, aug):
@@ -83,8 +85,8 @@ def make_train_step(cohort, method, tx, schedule, aug, seed: int):
 
   batch: {'image': uint8 [B, H, W, C], 'label': int32 [B], 'index': int32 [B] (position in the
   training set; used by memory banks)}; frozen: the method's frozen variables or None.
-  metrics: scalars `loss`, one per method term, `lr`, and `finite` (whether every term was
-  finite; the loop stops on False).
+  metrics: scalars `loss`, one per method term, `lr`, and `finite` (whether every term, the new
+  params and the new BatchNorm statistics are finite; the loop stops on False).
   """
 
   def train_step(state: TrainState, batch, frozen=None):
@@ -94,7 +96,7 @@ def make_train_step(cohort, method, tx, schedule, aug, seed: int):
       outputs, new_batch_stats = cohort.apply(params['peers'], state.batch_stats, batch['image'],
                                               train=True)
       ctx = LossContext(rng=method_key, step=state.step, peer_params=params['peers'],
-                        frozen=frozen)
+                        frozen=frozen, cohort=cohort)
       loss, terms, new_method_state = method.loss(params['method'], state.method_state, outputs,
                                                   batch, ctx)
       return loss, (terms, new_batch_stats, new_method_state)
@@ -104,7 +106,10 @@ def make_train_step(cohort, method, tx, schedule, aug, seed: int):
     updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
     metrics = {'loss': loss, **terms, 'lr': schedule(state.step)}
-    metrics['finite'] = jnp.all(jnp.stack([jnp.isfinite(v) for v in jax.tree.leaves(metrics)]))
+    # The new state too: XLA:CPU's max (ReLU) drops NaNs, so a NaN input can leave every loss term
+    # finite while it poisons the params and BatchNorm statistics.
+    checked = jax.tree.leaves(metrics) + jax.tree.leaves((new_params, new_batch_stats))
+    metrics['finite'] = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in checked]))
     new_state = state.replace(step=state.step + 1, params=new_params,
                               batch_stats=new_batch_stats, opt_state=new_opt_state,
                               method_state=new_method_state)
@@ -121,7 +126,8 @@ def make_meta_step(cohort, method, schedule, aug, seed: int):
   def meta_step(state: TrainState, batch, frozen=None):
     step = state.step - 1  # the step whose update was just applied
     batch, method_key = augmented_batch(batch, step, seed, aug)
-    ctx = LossContext(rng=method_key, step=step, peer_params=state.params['peers'], frozen=frozen)
+    ctx = LossContext(rng=method_key, step=step, peer_params=state.params['peers'], frozen=frozen,
+                      cohort=cohort)
     new_method_state = method.meta_update(state, batch, ctx, cohort=cohort, lr=schedule(step))
     return state.replace(method_state=new_method_state)
 

@@ -81,7 +81,7 @@ class Experiment:
                                           self.train_data.num_classes)
     self.method = methods.get_method(config.method)
     self.tx, self.schedule = optim.make_optimizer(config.optim, self.total_steps,
-                                                  self.steps_per_epoch)
+                                                  self.steps_per_epoch, config.batch_size)
     self.mesh = sharding.make_mesh(config.mesh, devices)
     self.aug = augment_spec(config, self.train_data)
 
@@ -131,14 +131,19 @@ class Experiment:
   def batch(self, step: int):
     """The training batch of `step`: indices chosen on the host, images gathered on device."""
     if self._train_images is None:  # The in-memory training set lives on the devices.
-      self._train_images = jax.device_put(self.train_data.images, self.replicated)
-      self._train_labels = jax.device_put(self.train_data.labels, self.replicated)
-    idx = jax.device_put(self.sampler.indices(step), self.replicated)
+      self._train_images = sharding.host_to_global(self.train_data.images, self.replicated)
+      self._train_labels = sharding.host_to_global(self.train_data.labels, self.replicated)
+      self._rows = sharding.process_rows(self.batch_sharding, self.config.batch_size)
+    # Every process draws the same global indices and hands over only its rows of them; each
+    # device then gathers its slice of the batch locally (multi-host: sharding.global_batch).
+    idx = self.sampler.indices(step).astype(np.int32)[self._rows]
+    idx = sharding.global_batch(idx, self.batch_sharding, self.config.batch_size)
     return self._take(self._train_images, self._train_labels, idx)
 
-  def evaluate(self, state) -> dict:
-    """Per-peer top-1/top-5, ensemble top-1 and best-peer top-1 on the test split."""
-    test, bs = self.test_data, self.config.data.eval_batch_size
+  def evaluate(self, state, dataset=None) -> dict:
+    """Per-peer top-1/top-5, ensemble top-1 and best-peer top-1 on `dataset` (default: test)."""
+    test = self.test_data if dataset is None else dataset
+    bs = self.config.data.eval_batch_size
     bs = max(bs // self.mesh.shape['data'], 1) * self.mesh.shape['data']
     totals = None
     for start in range(0, len(test.labels), bs):
@@ -147,13 +152,13 @@ class Experiment:
       batch = {'image': np.pad(images, ((0, pad),) + ((0, 0),) * (images.ndim - 1)),
                'label': np.pad(labels, (0, pad)),
                'mask': np.arange(bs) < len(labels)}
-      batch = jax.device_put(batch, self.batch_sharding)
+      batch = sharding.host_to_global(batch, self.batch_sharding)
       counts = self.eval_step(state.params['peers'], state.batch_stats, batch)
       totals = counts if totals is None else jax.tree.map(jnp.add, totals, counts)
     totals = jax.device_get(totals)
     n = float(totals['count'])
     out = {}
-    for k in range(self.cohort.num_peers):
+    for k in range(len(totals['top1'])):  # peers, or the branches of multi-branch models
       out[f'eval/peer_{k}/top1'] = totals['top1'][k] / n
       out[f'eval/peer_{k}/top5'] = totals['top5'][k] / n
     out['eval/ensemble/top1'] = totals['ensemble_top1'] / n
@@ -161,7 +166,8 @@ class Experiment:
     return {k: float(v) for k, v in out.items()}
 
 
-def _check_finite(step_metrics: list, first_step: int, writer: MetricWriter) -> None:
+def _check_finite(step_metrics: list, first_step: int, writer: MetricWriter,
+                  ckpt: ckpt_lib.Checkpointer) -> None:
   """Raises NonFiniteLossError naming the first bad step since the last check and its terms."""
   if not step_metrics:
     return
@@ -170,9 +176,12 @@ def _check_finite(step_metrics: list, first_step: int, writer: MetricWriter) -> 
     return
   bad = int(np.argmin(flags))
   terms = {k: float(v) for k, v in jax.device_get(step_metrics[bad]).items() if k != 'finite'}
+  what = ('loss' if not np.all(np.isfinite(list(terms.values()))) else
+          'parameters or BatchNorm statistics (NaN/Inf inputs?)')
   writer.close()
+  ckpt.close()  # the last checkpoint's asynchronous save completes before the error ends the run
   raise NonFiniteLossError(
-      f'Non-finite loss at step {first_step + bad + 1}: {json.dumps(terms)}. Training stopped; '
+      f'Non-finite {what} at step {first_step + bad + 1}: {json.dumps(terms)}. Training stopped; '
       f'the last checkpoint (before this step) is intact. Lower optim.lr, check the data, or '
       f'resume with the same command after changing the config.')
 
@@ -197,7 +206,10 @@ class _StopRequest:
     if threading.current_thread() is not threading.main_thread():
       yield self
       return
-    previous = {s: signal.signal(s, self) for s in (signal.SIGTERM, signal.SIGINT)}
+    # Multi-host, SIGTERM belongs to JAX's preemption sync service (Checkpointer.reached_preemption):
+    # all hosts must stop at the same step.
+    signals = (signal.SIGTERM, signal.SIGINT) if jax.process_count() == 1 else (signal.SIGINT,)
+    previous = {s: signal.signal(s, self) for s in signals}
     try:
       yield self
     finally:
@@ -221,9 +233,6 @@ def _run(config, workdir, stop, stop_after_steps):
   _check_workdir_writable(workdir)
   exp = Experiment(config)
   is_main = jax.process_index() == 0
-  if is_main:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json(indent=2))
 
   # ---- State: resume or init --------------------------------------------------------------- #
   ckpt = ckpt_lib.Checkpointer(workdir, run_identity(config), keep=config.keep_checkpoints)
@@ -233,6 +242,9 @@ def _run(config, workdir, stop, stop_after_steps):
   else:
     state, meta = restored
     best = meta.get('best_peer_top1', -1.0)
+  if is_main:  # only now: a config refused by the checkpoints must not replace the run's config
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json(indent=2))
   start_step = int(jax.device_get(state.step))
   if start_step:
     logging.info('Resumed from step %d in %s', start_step, workdir)
@@ -263,12 +275,14 @@ def _run(config, workdir, stop, stop_after_steps):
 
     if stop_after_steps is not None and done - start_step >= stop_after_steps:
       stop.signal = stop.signal or 'stop_after_steps'
+    if ckpt.reached_preemption(done):
+      stop.signal = stop.signal or 'a preemption notice (all hosts)'
     log_now = done % config.log_every_steps == 0 or done == total
     eval_now = done % eval_every == 0 or done == total
     ckpt_now = done % config.ckpt_every_steps == 0 or done == total or stop.signal is not None
     if not (log_now or eval_now or ckpt_now):
       continue
-    _check_finite(pending, pending_from, writer)
+    _check_finite(pending, pending_from, writer, ckpt)
     scalars = {}
     if log_now:
       scalars.update({f'train/{k}': float(v) for k, v in jax.device_get(pending[-1]).items()
@@ -296,9 +310,20 @@ def _run(config, workdir, stop, stop_after_steps):
 
   ckpt.close()
   writer.close()
+  if is_main and start_step < total and done == total:
+    _plot_curves(workdir)
   if start_step >= total:
     print(f'Nothing to do: the run in {workdir} already finished ({total} steps).')
   return last_eval
+
+
+def _plot_curves(workdir: str) -> None:
+  """Writes `<workdir>/curves.png` (mcl_jax.plot); a plotting failure never fails training."""
+  try:
+    from mcl_jax import plot  # pylint: disable=g-import-not-at-top  # matplotlib: only when done
+    plot.plot_runs([workdir], os.path.join(workdir, 'curves.png'))
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning('Could not plot the curves of %s: %s', workdir, e)
 
 
 def _check_workdir_writable(workdir: str) -> None:

@@ -17,3 +17,7 @@ from mcl_jax.losses.mcl import (
     supcon_from_logits,
     vcl_loss,
 )
+from mcl_jax.losses.nce import nce_loss, nce_memory_update, nce_scores
+from mcl_jax.losses.okd import dot_loss, mcl_okd_contrastive_loss
+from mcl_jax.losses.ckd import ckd_loss
+from mcl_jax.losses.crcd import crcd_relation_loss, crcd_relation_scores, linear_ce_feature_grad

@@ -15,10 +15,19 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from mcl_jax.models import cifar_resnet, imagenet_resnet, wrn
+from mcl_jax.models import cifar_resnet, imagenet_resnet, mobilenet, shufflenet, vgg, wrn
+from mcl_jax.models import okd  # multi-branch nets (MCL-OKD); needs cifar_resnet first
 from mcl_jax.models.cifar_resnet import StagedNet
 
-_CONSTRUCTORS = {**cifar_resnet.CONSTRUCTORS, **wrn.CONSTRUCTORS, **imagenet_resnet.CONSTRUCTORS}
+_CONSTRUCTORS = {
+    **cifar_resnet.CONSTRUCTORS,
+    **wrn.CONSTRUCTORS,
+    **shufflenet.CONSTRUCTORS,
+    **vgg.CONSTRUCTORS,
+    **mobilenet.CONSTRUCTORS,
+    **imagenet_resnet.CONSTRUCTORS,
+    **okd.CONSTRUCTORS,
+}
 
 ARCHS = tuple(_CONSTRUCTORS)
 

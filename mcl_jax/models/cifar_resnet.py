@@ -167,6 +167,8 @@ class StagedNet(nn.Module):
     block: type[ResidualBlock]
     first_stage: int = 0
     dtype: Dtype = jnp.float32
+    # Stride of each stage (its first block's); empty means (1, 2, 2, ...), the CIFAR ResNet/WRN rule.
+    stage_strides: Sequence[int] = ()
 
     @property
     def feature_dim(self) -> int:
@@ -184,22 +186,35 @@ class StagedNet(nn.Module):
         """Applied to the last stage's output before pooling (WRN's final BN + ReLU); identity here."""
         return x
 
+    def make_stage(self, i: int) -> nn.Module:
+        """Stage i, named `stage{i}`: a `Stage` of `block`s by default (nets with mixed stages
+        override this). [B, H, W, C_{i-1}] -> [B, H / s_i, W / s_i, C_i]."""
+        strides = self.stage_strides[i] if self.stage_strides else (1 if i == 0 else 2)
+        return Stage(
+            self.block,
+            self.stage_sizes[i],
+            self.stage_widths[i],
+            strides=strides,
+            dtype=self.dtype,
+            name=f"stage{i}",
+        )
+
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> dict[str, Any]:
+        if len(self.stage_widths) != self.num_stages or self.stage_strides and (
+            len(self.stage_strides) != self.num_stages
+        ):
+            raise ValueError(
+                f"stage_sizes {tuple(self.stage_sizes)}, stage_widths {tuple(self.stage_widths)} and "
+                f"stage_strides {tuple(self.stage_strides)} must have one entry per stage"
+            )
         if not 0 <= self.first_stage < self.num_stages:
             raise ValueError(f"first_stage={self.first_stage} must be in [0, {self.num_stages})")
         if self.first_stage == 0:
             x = self.stem(x, train)
         stages = []
         for i in range(self.first_stage, self.num_stages):
-            x = Stage(
-                self.block,
-                self.stage_sizes[i],
-                self.stage_widths[i],
-                strides=1 if i == 0 else 2,
-                dtype=self.dtype,
-                name=f"stage{i}",
-            )(x, train=train)
+            x = self.make_stage(i)(x, train=train)
             stages.append(x)
         x = self.pre_pool(x, train)
         # Pool in float32: a bf16 sum over H*W positions loses precision.

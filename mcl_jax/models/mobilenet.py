@@ -15,8 +15,8 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 
-from mcl_jax.models.cifar_resnet import ResidualBlock, batch_norm, conv
-from mcl_jax.models.flexible import Dtype, FlexibleStagedNet, depthwise_conv
+from mcl_jax.models.cifar_resnet import ResidualBlock, StagedNet, batch_norm, conv
+from mcl_jax.models.flexible import Dtype, depthwise_conv
 
 
 def _crd_rows(t: int) -> tuple[tuple[tuple[int, int, int, int], ...], ...]:
@@ -80,7 +80,7 @@ class InvertedResidualStage(nn.Module):
         return x
 
 
-class MobileNetV2(FlexibleStagedNet):
+class MobileNetV2(StagedNet):
     """CIFAR MobileNetV2: 3x3/2 conv (`stem_width`) + BN + ReLU stem, four `InvertedResidualStage`s
     (`stage_rows`, `stage_strides` 1, 2, 2, 2), a 1x1 conv to `final_width` + BN + ReLU before pooling.
 

@@ -14,8 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mcl_jax.models.cifar_resnet import ResidualBlock, batch_norm, conv
-from mcl_jax.models.flexible import FlexibleStagedNet, depthwise_conv
+from mcl_jax.models.cifar_resnet import ResidualBlock, StagedNet, batch_norm, conv
+from mcl_jax.models.flexible import depthwise_conv
 
 
 def channel_shuffle(x: jax.Array, groups: int = 2) -> jax.Array:
@@ -64,7 +64,7 @@ class ShuffleUnit(ResidualBlock):
         return channel_shuffle(jnp.concatenate([left, right], axis=-1))
 
 
-class ShuffleNetV2(FlexibleStagedNet):
+class ShuffleNetV2(StagedNet):
     """CIFAR ShuffleNetV2: 3x3 conv (24 ch) + BN + ReLU stem, three `ShuffleUnit` stages (strides 2, 2, 2),
     a 1x1 conv to `final_width` + BN + ReLU before pooling.
 

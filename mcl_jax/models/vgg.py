@@ -12,8 +12,7 @@ import functools
 import flax.linen as nn
 import jax
 
-from mcl_jax.models.cifar_resnet import KAIMING_FAN_OUT, ResidualBlock, batch_norm
-from mcl_jax.models.flexible import FlexibleStagedNet
+from mcl_jax.models.cifar_resnet import KAIMING_FAN_OUT, ResidualBlock, StagedNet, batch_norm
 
 
 class VGGConv(ResidualBlock):
@@ -40,7 +39,7 @@ class VGGConv(ResidualBlock):
         return nn.relu(batch_norm(train, dtype=self.dtype, name="bn")(x))
 
 
-class VGG(FlexibleStagedNet):
+class VGG(StagedNet):
     """CIFAR VGG: no stem, five `VGGConv` stages (strides 1, 2, 2, 2, 1).
 
     Input [B, H, W, C] at any size >= 8 (32x32x3 CIFAR, 28x28x1 Fashion-MNIST); feature dim 512.

@@ -1,0 +1,45 @@
+r"""CIFAR-100 MCL-OKD (Yang, Xu, An, ICASSP 2021), the official code's protocol (specs §1.3): a
+multi-branch ResNet (shared stem + stage 0, M = 4 branches), CE + DOT + 0.025 MCL, NCE K = 256,
+T = 0.1, momentum 0.5, F = 128, KD T = 3; 300 epochs, batch 64, SGD Nesterov 0.9, wd 5e-4,
+lr 0.025 (1 + cos(pi e / E)) per epoch.
+
+    python -m mcl_jax.main --config configs/cifar100_mcl_okd.py:arch=resnet32 \
+        --workdir workdirs/c100_mcl_okd_r32 --config.data.data_dir=$TFDS_DATA_DIR
+
+Arguments: arch (resnet32 | resnet110 | resnet8/20/56), branches (2 | 3 | 4), seed, smoke.
+The deployed model is the last branch, `eval/peer_<branches-1>/top1`; "Ens" is
+`eval/ensemble/top1`. Expected top-1 (100 - the official README's error; our resnet110 is the
+bottleneck variant, as theirs):
+| arch      | baseline | MCL-OKD | MCL-OKD (Ens) |
+| resnet32  | 71.09    | 75.48   | 78.00         |
+| resnet110 | 76.38    | 79.61   | 81.71         |
+The README reports the best epoch; we log every epoch, so read last and best separately.
+"""
+from mcl_jax import config_lib
+
+
+def get_config(arg=None):
+  args = config_lib.parse_arg(arg, arch='resnet32', branches=4, seed=0, smoke=False)
+  c = config_lib.base_config()
+  c.seed = args['seed']
+  c.data.name = 'cifar100'
+  c.data.eval_batch_size = 500
+  c.model.arch = f"{args['arch']}_okd{args['branches']}"
+  c.cohort.num_peers = 1  # one multi-branch network; its branches are the peers
+  m = c.method
+  m.name = 'mcl_okd'
+  m.gamma, m.alpha, m.beta, m.kd_T = 1.0, 1.0, 0.025, 3.0
+  m.tau, m.num_negatives, m.memory_momentum, m.embed_dim = 0.1, 256, 0.5, 128
+  c.batch_size = 64
+  c.total_epochs = 300.0
+  c.optim.lr = 0.05
+  c.optim.momentum = 0.9
+  c.optim.nesterov = True
+  c.optim.weight_decay = 5e-4
+  c.optim.schedule = 'cosine'
+  c.optim.per_epoch = True
+  c.log_every_steps = 100
+  c.ckpt_every_steps = 2000
+  if args['smoke']:
+    config_lib.apply_smoke(c)
+  return c

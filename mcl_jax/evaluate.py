@@ -1,0 +1,75 @@
+"""Evaluate a checkpoint: `python -m mcl_jax.evaluate --workdir DIR [--step N] [--split test]`.
+
+Rebuilds the run from its own `config.json`, restores the newest valid checkpoint (or the one of
+step N, from the `latest` or the `best` series) and prints one JSON line with the step, the split
+and the metrics under the names of `metrics.jsonl`: `eval/peer_<k>/top1`, `eval/peer_<k>/top5`,
+`eval/ensemble/top1`, `eval/best_peer/top1`. On the test split these equal the values logged at
+that step.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import ml_collections
+
+from mcl_jax import checkpoint as ckpt_lib, train
+
+SPLITS = ('test', 'train')
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run was trained with (`<workdir>/config.json`, written by `train.run`)."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} does not exist: --workdir must be a directory written by '
+                            f'`python -m mcl_jax.main`.')
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def restore(workdir: str, step: int | None = None):
+  """(experiment, state) of the run in `workdir` at `step` (None: the newest valid checkpoint).
+
+  Raises CheckpointError when there is no such checkpoint or it cannot be restored.
+  """
+  config = load_config(workdir)
+  exp = train.Experiment(config)
+  ckpt = ckpt_lib.Checkpointer(workdir, train.run_identity(config), async_save=False)
+  try:
+    abstract = exp.abstract_state_with_shardings()
+    restored = (ckpt.restore_latest(abstract) if step is None else ckpt.restore(step, abstract))
+  finally:
+    ckpt.close()
+  if restored is None:
+    raise ckpt_lib.CheckpointError(f'{workdir} holds no checkpoint yet; train first with '
+                                   f'`python -m mcl_jax.main --workdir {workdir} ...`.')
+  return exp, restored[0]
+
+
+def evaluate(workdir: str, step: int | None = None, split: str = 'test') -> dict:
+  """{'step', 'split', 'eval/...' metrics} of the checkpoint of `step` on `split`."""
+  if split not in SPLITS:
+    raise ValueError(f'--split={split!r}: must be one of {SPLITS}.')
+  exp, state = restore(workdir, step)
+  dataset = exp.test_data if split == 'test' else exp.train_data
+  return {'step': int(state.step), 'split': split, **exp.evaluate(state, dataset)}
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--workdir', required=True, help='run directory (holds config.json)')
+  parser.add_argument('--step', type=int, default=None, help='checkpoint step (default: newest)')
+  parser.add_argument('--split', default='test', choices=SPLITS)
+  args = parser.parse_args(argv)
+  try:
+    print(json.dumps(evaluate(args.workdir, args.step, args.split)), flush=True)
+  except (ckpt_lib.CheckpointError, OSError, ValueError) as e:
+    print(f'mcl_jax.evaluate: error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == '__main__':
+  main()

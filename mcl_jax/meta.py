@@ -1,0 +1,137 @@
+"""Meta-optimisation through unrolled virtual SGD steps (L-MCL, ../shared/specs/mcl.md §3.2).
+
+Pure functions of pytrees. `theta` are the parameters the virtual steps move, `phi` the
+meta-parameters (L-MCL's layer-matching network); `inner_loss(theta, phi)` and `outer_loss(theta)`
+are scalar functions. The trajectory is
+
+    v_0 = 0
+    for n = 1 .. inner_steps + 1:        (objective O_n = inner_loss(., phi), the last one outer_loss)
+      v_n     = momentum * v_{n-1} + grad_theta O_n(theta_{n-1}) + weight_decay * theta_{n-1}
+      theta_n = theta_{n-1} - lr * v_n
+    hyper-objective = outer_loss(theta_{inner_steps + 1})
+
+(SGD with heavy-ball momentum and coupled weight decay, a fresh momentum buffer per round, every
+leaf moved in every step: leaves an objective does not touch move by weight decay and momentum).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+InnerLoss = Callable  # (theta, phi) -> scalar
+OuterLoss = Callable  # theta -> scalar
+
+MODES = ('exact', 'official')
+
+
+def _axpy(a, x, y):
+  """a * x + y over matching pytrees."""
+  return jax.tree.map(lambda xi, yi: a * xi + yi, x, y)
+
+
+def virtual_sgd_step(theta, velocity, grad, *, lr, weight_decay, momentum):
+  """One heavy-ball step: v' = momentum * v + grad + wd * theta; theta' = theta - lr * v'.
+
+  Returns (theta', v'). Differentiable in every argument.
+  """
+  velocity = jax.tree.map(lambda v, g, t: momentum * v + g + weight_decay * t,
+                          velocity, grad, theta)
+  return _axpy(-lr, velocity, theta), velocity
+
+
+def unrolled_outer_loss(phi, theta0, inner_loss: InnerLoss, outer_loss: OuterLoss, *, lr,
+                        weight_decay: float, momentum: float, inner_steps: int,
+                        remat: bool = True):
+  """outer_loss(theta_{inner_steps+1}(phi)): the hyper-objective, differentiable in phi.
+
+  The inner steps run as one `lax.scan` (the step is compiled once, whatever inner_steps is).
+  remat: wrap every virtual step in `jax.checkpoint`, so differentiating this keeps only the
+  step boundaries (theta_n, v_n) alive, not every step's activations and inner gradients.
+  """
+  maybe_remat = jax.checkpoint if remat else (lambda f: f)
+
+  @maybe_remat
+  def inner_step(carry, _):
+    theta, velocity = carry
+    return virtual_sgd_step(theta, velocity, jax.grad(inner_loss)(theta, phi), lr=lr,
+                            weight_decay=weight_decay, momentum=momentum), None
+
+  @maybe_remat
+  def outer_step(theta, velocity):
+    return virtual_sgd_step(theta, velocity, jax.grad(outer_loss)(theta), lr=lr,
+                            weight_decay=weight_decay, momentum=momentum)
+
+  carry = (theta0, jax.tree.map(jnp.zeros_like, theta0))
+  (theta, velocity), _ = jax.lax.scan(inner_step, carry, None, length=inner_steps)
+  theta, _ = outer_step(theta, velocity)
+  return outer_loss(theta)
+
+
+def hypergradient(phi, theta0, inner_loss: InnerLoss, outer_loss: OuterLoss, *, lr,
+                  weight_decay: float, momentum: float, inner_steps: int, mode: str = 'exact',
+                  remat: bool = True):
+  """G_phi = d outer_loss(theta_{inner_steps+1}) / d phi, a pytree like phi.
+
+  mode 'exact': nested `jax.grad` of `unrolled_outer_loss` (second order through every step).
+  mode 'official': the L-MCL authors' hand-written reverse recursion (`MetaSGD.meta_backward`),
+    which couples the momentum adjoint into the parameter adjoint with factor 1 instead of
+    weight_decay. For inner_steps = 0 or 1 it equals 'exact'; for inner_steps = 2 exactly
+        G_official - G_exact = (1 - wd) * momentum * lr^2 * J_1^T grad outer_loss(theta_3),
+    J_1 = d/dphi grad_theta inner_loss(theta_0, phi), i.e. ~lr * momentum relative
+    (mcl.md §3.2 step 4, §6.6).
+  """
+  if mode == 'exact':
+    return jax.grad(unrolled_outer_loss)(phi, theta0, inner_loss, outer_loss, lr=lr,
+                                         weight_decay=weight_decay, momentum=momentum,
+                                         inner_steps=inner_steps, remat=remat)
+  if mode == 'official':
+    return _adjoint_hypergradient(phi, theta0, inner_loss, outer_loss, lr=lr,
+                                  weight_decay=weight_decay, momentum=momentum,
+                                  inner_steps=inner_steps, coupling=1.0)
+  raise ValueError(f'meta_grad mode {mode!r} is not one of {MODES}.')
+
+
+def _adjoint_hypergradient(phi, theta0, inner_loss, outer_loss, *, lr, weight_decay, momentum,
+                           inner_steps, coupling):
+  """Reverse recursion over the recorded trajectory with Hessian-vector products by `jax.vjp`.
+
+  Adjoints a0 (params) = grad outer_loss(theta_last), a1 (momentum buffer) = 0; for n = last .. 1:
+      U = a1 - lr * a0;  G += (d/dphi g_n)^T U;  a0 <- (1 - lr*wd) a0 + coupling * a1 + H_n U;
+      a1 <- momentum * U.
+  coupling = weight_decay is the exact reverse of `virtual_sgd_step`; 1 is the authors' code.
+  """
+  outer_grad = lambda theta, phi: jax.grad(outer_loss)(theta)  # noqa: E731  (phi unused)
+  grad_fns = [jax.grad(inner_loss)] * inner_steps + [outer_grad]
+  theta, velocity, pre_step = theta0, jax.tree.map(jnp.zeros_like, theta0), []
+  for grad_fn in grad_fns:
+    pre_step.append(theta)
+    theta, velocity = virtual_sgd_step(theta, velocity, grad_fn(theta, phi), lr=lr,
+                                       weight_decay=weight_decay, momentum=momentum)
+  a0 = jax.grad(outer_loss)(theta)
+  a1 = jax.tree.map(jnp.zeros_like, a0)
+  g_phi = jax.tree.map(jnp.zeros_like, phi)
+  for grad_fn, theta_prev in zip(reversed(grad_fns), reversed(pre_step)):
+    u = _axpy(-lr, a0, a1)
+    _, vjp = jax.vjp(grad_fn, theta_prev, phi)
+    hessian_u, cross_u = vjp(u)
+    g_phi = jax.tree.map(jnp.add, g_phi, cross_u)
+    a0 = jax.tree.map(lambda x0, x1, hu: (1 - lr * weight_decay) * x0 + coupling * x1 + hu,
+                      a0, a1, hessian_u)
+    a1 = jax.tree.map(lambda x: momentum * x, u)
+  return g_phi
+
+
+def meta_optimizer(weight_decay: float, momentum: float) -> optax.GradientTransformation:
+  """phi's persistent optimizer without the learning rate: coupled weight decay + Nesterov
+  momentum (torch.optim.SGD(nesterov=True)); apply as `phi - lr * updates`."""
+  return optax.chain(optax.add_decayed_weights(weight_decay),
+                     optax.trace(decay=momentum, nesterov=True))
+
+
+def meta_sgd_update(phi, grads, opt_state, lr, *, weight_decay: float, momentum: float):
+  """One step of `meta_optimizer` at learning rate lr. Returns (phi', opt_state')."""
+  updates, opt_state = meta_optimizer(weight_decay, momentum).update(grads, opt_state, phi)
+  return _axpy(-lr, updates, phi), opt_state

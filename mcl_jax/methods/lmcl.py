@@ -1,0 +1,244 @@
+"""L-MCL: layer-wise mutual contrastive learning with meta-learned layer matching (Yang et al.,
+TPAMI 2023), ../shared/specs/mcl.md §1.2, §3.
+
+Every peer k gets S stages (S = the backbone's number of stages): S - 1 auxiliary branches, fresh
+copies of the backbone's later stages (`models.get_model(arch, C, first_stage=s)`, s = 1..S-1) on
+the output map of stage s - 1, each with its own classifier, plus the backbone itself. Per
+(peer, stage) pooled feature f_{k,s} `[B, d_k]`: an embedding head e_{k,s} `[B, D]` and a
+projection P_{k,s} f_{k,s} `[B, 128]` of the layer-matching network phi. Per peer: a stage
+aggregator (softmax over stages) whose weighted stage logits a_k are distilled into the final ones.
+
+Per step (main optimiser over peers + branches + heads + aggregators; phi's weights stop-gradient):
+    L = sum_{k,s} CE(logits_{k,s}) + sum_k CE(a_k) + sum_{i,j} KL_T(logits_{i,S} || sg a_j)
+        + alpha*VCL + gamma*SoftVCL + beta*ICL + lam*SoftICL     (losses.layer_mcl_loss)
+Every `meta_every_steps` steps, `meta_update` moves phi (kept in the method state with its own
+persistent Nesterov-SGD momentum) along the hyper-gradient of the all-stage CE after
+`meta_inner_steps` virtual momentum-SGD steps on the phi-weighted contrastive loss plus one on the
+CE (`mcl_jax.meta`); the real parameters are untouched and the virtual steps have no side effects
+(no BatchNorm statistics are kept, mcl.md §6.5).
+
+Parameters (`params['method']`): 'branches' (per group, per branch, `[K_g, ...]`), 'heads'
+(`[K_g, S, ...]`), 'aggregator' (`[K_g, ...]`). State: 'batch_stats' of the branches, 'phi'
+(`[K_g, S, ...]`) and 'phi_opt' (its optimizer state). Only the in-batch (CIFAR) contrast is
+implemented; ImageNet configs use it with the class-balanced sampler.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mcl_jax import cohort as cohort_lib
+from mcl_jax import heads, losses, meta, models
+from mcl_jax.methods.base import Method
+
+META_MOMENTUM = 0.9  # heavy-ball momentum of the virtual steps, Nesterov momentum of phi's SGD
+MATCH_DIM = 128      # width of phi's projections
+
+
+class StageAggregator(nn.Module):
+  """Stage weights of one peer: concat of its S stage features `[B, S*d]` -> Dense(d) -> ReLU ->
+  Dense(S) -> softmax over stages `[B, S]`."""
+  num_stages: int
+  hidden: int
+
+  @nn.compact
+  def __call__(self, features):
+    x = nn.relu(nn.Dense(self.hidden, name='fc1')(features))
+    return jax.nn.softmax(nn.Dense(self.num_stages, name='fc2')(x), axis=-1)
+
+
+class Stages(NamedTuple):
+  """Every peer's stage outputs. features: per group `[K_g, S, B, d_g]`; logits `[K, S, B, C]`
+  (stage S-1 is the backbone's own output)."""
+  features: tuple
+  logits: jax.Array
+
+
+def _init_peer_stage(module, rng, num_peers: int, num_stages: int, feature_dim: int):
+  """`module` params for every (peer, stage), stacked `[K_g, S, ...]`."""
+  flat = heads.init_stacked(module, rng, num_peers * num_stages, feature_dim)
+  return jax.tree.map(lambda x: x.reshape((num_peers, num_stages) + x.shape[1:]), flat)
+
+
+def _apply_peer_stage(module, params, features):
+  """`[K_g, S, ...]` params on `[K_g, S, B, d]` features -> `[K_g, S, B, out]`."""
+  return jax.vmap(lambda p, f: heads.apply_stacked(module, p, f))(params, features)
+
+
+@dataclasses.dataclass(frozen=True)
+class LMCL(Method):
+  """The `lmcl` method; hyper-parameters from the `method` config section."""
+
+  class_balanced = True  # in-batch contrast: every anchor needs an in-batch positive
+
+  @property
+  def meta_every_steps(self):
+    return self.config.meta_every_steps
+
+  @property
+  def head(self):
+    return heads.EmbeddingHead(dim=self.config.embed_dim)
+
+  def branch_model(self, group, first_stage: int):
+    """Auxiliary branch of a peer group: its stages first_stage.. + pool + own classifier."""
+    model = models.get_model(group.arch, group.model.num_classes, group.model.dtype,
+                             first_stage=first_stage)
+    if self.config.branch_blocks > 0:  # lighter branches (the authors' ImageNet models: 1 block)
+      model = model.clone(stage_sizes=(self.config.branch_blocks,) * model.num_stages)
+    return model
+
+  # ------------------------------------------------------------------------------------------ #
+  # Parameters and state.
+  # ------------------------------------------------------------------------------------------ #
+  def init(self, rng, cohort, train_labels):
+    del train_labels
+    if self.config.memory_bank:
+      raise ValueError('method.name=lmcl supports only the in-batch contrast; set '
+                       'method.memory_bank=False (the memory-bank L-MCL variant is not implemented).')
+    if cohort.num_peers < 2:
+      raise ValueError(f'method.name=lmcl needs >= 2 peers, got cohort.num_peers={cohort.num_peers}.')
+    num_stages = {g.model.num_stages for g in cohort.groups}
+    if len(num_stages) != 1:
+      raise ValueError(f'method.name=lmcl needs peers with the same number of stages; the archs '
+                       f'{[g.arch for g in cohort.groups]} have {sorted(num_stages)}.')
+    (num_stages,) = num_stages
+    branches, branch_stats, head_params, aggregators, phi = [], [], [], [], []
+    for g, (group, dim) in enumerate(zip(cohort.groups, cohort.feature_dims)):
+      keys = jax.random.split(jax.random.fold_in(rng, g), 4)
+      group_branches, group_stats = [], []
+      for first in range(1, num_stages):
+        model = self.branch_model(group, first)
+        channels = group.model.stage_widths[first - 1] * group.model.block.expansion
+        sample = jnp.zeros((1, 8, 8, channels), jnp.float32)
+        variables = jax.vmap(lambda k, m=model, x=sample: m.init(k, x, train=False))(
+            jax.random.split(jax.random.fold_in(keys[0], first), group.num_peers))
+        group_branches.append(variables['params'])
+        group_stats.append(variables.get('batch_stats', {}))
+      branches.append(tuple(group_branches))
+      branch_stats.append(tuple(group_stats))
+      head_params.append(_init_peer_stage(self.head, keys[1], group.num_peers, num_stages, dim))
+      aggregators.append(heads.init_stacked(StageAggregator(num_stages, dim), keys[2],
+                                            group.num_peers, num_stages * dim))
+      phi.append(_init_peer_stage(nn.Dense(MATCH_DIM), keys[3], group.num_peers, num_stages, dim))
+    params = {'branches': tuple(branches), 'heads': tuple(head_params),
+              'aggregator': tuple(aggregators)}
+    phi = tuple(phi)
+    phi_opt = meta.meta_optimizer(self.config.meta_weight_decay, META_MOMENTUM).init(phi)
+    return params, {'batch_stats': tuple(branch_stats), 'phi': phi, 'phi_opt': phi_opt}
+
+  # ------------------------------------------------------------------------------------------ #
+  # Forward pieces, shared by the step loss and the meta objectives.
+  # ------------------------------------------------------------------------------------------ #
+  def stages(self, cohort, branch_params, branch_stats, outputs, *, train: bool):
+    """Runs the auxiliary branches on the peers' stage maps. Returns (Stages, new branch stats)."""
+    features, logits, new_stats = [], [], []
+    for group, params, stats, out in zip(cohort.groups, branch_params, branch_stats,
+                                         outputs['groups']):
+      group_feats, group_logits, group_stats = [], [], []
+      for first, (p, s) in enumerate(zip(params, stats), start=1):
+        branch_out, s = cohort_lib.apply_group(
+            self.branch_model(group, first), p, s, out['stages'][first - 1], train=train,
+            strategy=cohort.strategy, per_peer_inputs=True)
+        group_feats.append(branch_out['feature'])
+        group_logits.append(branch_out['logits'])
+        group_stats.append(s)
+      features.append(jnp.stack(group_feats + [out['feature']], axis=1))
+      logits.append(jnp.stack(group_logits + [out['logits']], axis=1))
+      new_stats.append(tuple(group_stats))
+    return Stages(tuple(features), jnp.concatenate(logits, axis=0)), tuple(new_stats)
+
+  def match_weights(self, phi, stages: Stages):
+    """Layer-matching weights `[K(K-1)S^2, B]` (losses.layer_match_weights order) from phi."""
+    proj = [_apply_peer_stage(nn.Dense(MATCH_DIM), p, f) for p, f in zip(phi, stages.features)]
+    return losses.layer_match_weights(jnp.concatenate(proj, axis=0))
+
+  def embeddings(self, head_params, stages: Stages):
+    """`[K, S, B, D]` L2-normalised embeddings e_{k,s}."""
+    return jnp.concatenate([_apply_peer_stage(self.head, p, f)
+                            for p, f in zip(head_params, stages.features)], axis=0)
+
+  def aggregate(self, aggregator_params, stages: Stages):
+    """Stage-aggregated logits a_k `[K, B, C]`."""
+    num_stages = stages.logits.shape[1]
+    pis = []
+    for p, f in zip(aggregator_params, stages.features):
+      k, s, b, d = f.shape
+      concat = jnp.transpose(f, (0, 2, 1, 3)).reshape(k, b, s * d)
+      pis.append(heads.apply_stacked(StageAggregator(num_stages, d), p, concat))  # [K_g, B, S]
+    return jnp.einsum('kbs,ksbc->kbc', jnp.concatenate(pis, axis=0), stages.logits)
+
+  def contrastive_terms(self, head_params, stages: Stages, labels, weights) -> dict:
+    """Unweighted L-MCL totals {vcl, soft_vcl, icl, soft_icl} with per-sample layer weights."""
+    c = self.config
+    emb = self.embeddings(head_params, stages)
+    names = ('vcl', 'soft_vcl', 'icl', 'soft_icl')
+    return dict(zip(names, losses.layer_mcl_loss(emb, labels, weights, c.tau, c.kd_T)))
+
+  def contrastive_loss(self, terms: dict):
+    c = self.config
+    return (c.alpha * terms['vcl'] + c.gamma * terms['soft_vcl'] + c.beta * terms['icl']
+            + c.lam * terms['soft_icl'])
+
+  # ------------------------------------------------------------------------------------------ #
+  # The per-step objective (mcl.md §3.1).
+  # ------------------------------------------------------------------------------------------ #
+  def loss(self, params, state, outputs, batch, ctx):
+    if ctx.cohort is None:
+      raise ValueError('lmcl needs the cohort in its LossContext (ctx.cohort).')
+    c, labels = self.config, batch['label']
+    stages, new_stats = self.stages(ctx.cohort, params['branches'], state['batch_stats'],
+                                    outputs, train=True)
+    weights = jax.lax.stop_gradient(self.match_weights(state['phi'], stages))
+    terms = self.contrastive_terms(params['heads'], stages, labels, weights)
+    aggregated = self.aggregate(params['aggregator'], stages)
+    final = stages.logits[:, -1]
+    terms['ce'] = losses.ce_loss(stages.logits, labels)  # every stage of every peer
+    terms['ce_agg'] = losses.ce_loss(aggregated, labels)
+    # sum_i sum_j KL_T(final_i || sg a_j), i == j included (soft_kl stops the target's gradient).
+    kl_grid = jax.vmap(jax.vmap(losses.soft_kl, (None, 0, None)), (0, None, None))
+    terms['kd'] = jnp.sum(kl_grid(final, aggregated, c.kd_T))
+    total = terms['ce'] + terms['ce_agg'] + terms['kd'] + self.contrastive_loss(terms)
+    return total, terms, {**state, 'batch_stats': new_stats}
+
+  # ------------------------------------------------------------------------------------------ #
+  # Meta-optimisation of phi (mcl.md §3.2).
+  # ------------------------------------------------------------------------------------------ #
+  def meta_objectives(self, state, batch, cohort):
+    """(theta0, inner_loss(theta, phi), outer_loss(theta)) of `meta.hypergradient`.
+
+    theta = peers + branches + heads (not the aggregators, not phi). Both objectives run every
+    network in train mode on `batch` (augmented, normalised) and drop the new BN statistics.
+    """
+    method_params, method_state, labels = state.params['method'], state.method_state, batch['label']
+    theta0 = {'peers': state.params['peers'], 'branches': method_params['branches'],
+              'heads': method_params['heads']}
+
+    def stages_of(theta):
+      outputs, _ = cohort.apply(theta['peers'], state.batch_stats, batch['image'], train=True)
+      return self.stages(cohort, theta['branches'], method_state['batch_stats'], outputs,
+                         train=True)[0]
+
+    def inner_loss(theta, phi):
+      stages = stages_of(theta)
+      weights = self.match_weights(phi, stages)  # NOT stop-gradient: the path to phi
+      return self.contrastive_loss(self.contrastive_terms(theta['heads'], stages, labels, weights))
+
+    def outer_loss(theta):
+      return losses.ce_loss(stages_of(theta).logits, labels)
+
+    return theta0, inner_loss, outer_loss
+
+  def meta_update(self, state, batch, ctx, *, cohort, lr):
+    del ctx
+    c, method_state = self.config, state.method_state
+    theta0, inner_loss, outer_loss = self.meta_objectives(state, batch, cohort)
+    g_phi = meta.hypergradient(method_state['phi'], theta0, inner_loss, outer_loss, lr=lr,
+                               weight_decay=c.meta_weight_decay, momentum=META_MOMENTUM,
+                               inner_steps=c.meta_inner_steps, mode=c.meta_grad)
+    phi, phi_opt = meta.meta_sgd_update(method_state['phi'], g_phi, method_state['phi_opt'], lr,
+                                        weight_decay=c.meta_weight_decay, momentum=META_MOMENTUM)
+    return {**method_state, 'phi': phi, 'phi_opt': phi_opt}

@@ -1,0 +1,127 @@
+"""Helper of tests/test_sharding.py, run in ONE subprocess with 8 fake CPU devices:
+
+    python tests/sharding_equivalence.py OUT.json [--steps N] [--cases 8x1:2,4x2:4,...]
+
+For each case "DATAxPEER:K:STRATEGY" trains N steps of memory-bank MCL (ResNet-8, 28x28 images, batch 16)
+on that mesh and on 1 device, and writes per case: the largest relative difference of the final
+state (params, BatchNorm statistics, optimizer state, memory bank) and of every metric and eval
+metric to the 1-device run, the number of times the train step was traced, and the placements
+(PartitionSpecs) of params, opt state, memory and batch.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+import jax
+
+jax.config.update('jax_num_cpu_devices', 8)
+
+import numpy as np  # pylint: disable=g-import-not-at-top
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+from mcl_jax import checkpoint as ckpt_lib, sharding, step as step_lib, train  # pylint: disable=g-import-not-at-top
+
+# DATAxPEER:K:strategy. K = 2 on a 4-wide peer axis is rejected by config validation (tested).
+CASES = '8x1:2:unroll,4x2:2:unroll,8x1:4:vmap,4x2:4:vmap,2x4:4:vmap'
+TRACES = {'train_step': 0}
+_make_train_step = step_lib.make_train_step
+
+
+def counting_make_train_step(*args, **kwargs):
+  fn = _make_train_step(*args, **kwargs)
+
+  def counted(*a, **k):
+    TRACES['train_step'] += 1  # runs once per trace, never at execution
+    return fn(*a, **k)
+  return counted
+
+
+step_lib.make_train_step = counting_make_train_step
+
+
+def mcl_config(num_peers: int, strategy: str, data: int, peer: int):
+  return tiny_config(**{
+      'method.name': 'mcl', 'method.memory_bank': True, 'method.num_negatives': 16,
+      'method.embed_dim': 16, 'cohort.num_peers': num_peers, 'cohort.strategy': strategy,
+      'mesh.data': data, 'mesh.peer': peer, 'batch_size': 16, 'data.train_examples': 128,
+      'data.eval_examples': 32, 'data.eval_batch_size': 16, 'optim.lr': 0.01})
+
+
+def train_steps(config, devices, steps: int):
+  TRACES['train_step'] = 0
+  exp = train.Experiment(config, devices=devices)
+  state = exp.init_state()
+  placements = {'init': sharding.describe(state)}
+  metrics, batch = [], None
+  for step in range(steps):
+    batch = exp.batch(step)
+    state, m = exp.train_step(state, batch, exp.frozen)
+    metrics.append(m)
+  metrics = [{k: float(v) for k, v in jax.device_get(m).items()} for m in metrics]
+  evals = exp.evaluate(state)
+  placements.update(final=sharding.describe(state), batch=sharding.describe(batch))
+  with tempfile.TemporaryDirectory() as workdir:  # Orbax round trip straight into the shardings
+    ckpt = ckpt_lib.Checkpointer(workdir, train.run_identity(config), async_save=False)
+    ckpt.save(state, {'step': steps})
+    restored, _ = ckpt.restore_latest(exp.abstract_state_with_shardings())
+    ckpt.close()
+  placements['restored'] = sharding.describe(restored)
+  restored_equal = all(jax.tree.leaves(jax.tree.map(
+      lambda a, b: bool(np.array_equal(a, b)), jax.device_get(restored), jax.device_get(state))))
+  expected = {jax.tree_util.keystr(p): str(s.spec) for p, s in
+              jax.tree_util.tree_leaves_with_path(exp.state_sharding)}
+  return dict(state=jax.device_get(state), restored_equal=restored_equal, metrics=metrics, eval=evals, traces=TRACES['train_step'],
+              placements=placements, expected=expected, mesh=dict(exp.mesh.shape))
+
+
+def max_rel_diff(a, b) -> float:
+  """max over leaves of max|a - b| / max|b| (the error relative to the leaf's scale, which is what
+  float32 reassociation produces; elementwise relative errors blow up on entries near zero)."""
+  def rel(x, y):
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    return float(np.max(np.abs(x - y)) / max(np.max(np.abs(y)), 1e-30)) if x.size else 0.0
+  return max(jax.tree.leaves(jax.tree.map(rel, a, b)) or [0.0])
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument('out')
+  parser.add_argument('--steps', type=int, default=3)
+  parser.add_argument('--cases', default=CASES)
+  args = parser.parse_args()
+  assert jax.device_count() == 8, jax.devices()
+  reference, results = {}, []
+  for case in args.cases.split(','):
+    shape, num_peers, strategy = case.split(':')
+    data, peer = map(int, shape.split('x'))
+    key = (int(num_peers), strategy)
+    if key not in reference:
+      reference[key] = train_steps(mcl_config(*key, 1, 1), jax.devices()[:1], args.steps)
+    ref = reference[key]
+    run = train_steps(mcl_config(*key, data, peer), jax.devices(), args.steps)
+    state, ref_state = run['state'], ref['state']
+    results.append(dict(
+        case=case, mesh=run['mesh'], restored_equal=run['restored_equal'], traces=run['traces'], ref_traces=ref['traces'],
+        params=max_rel_diff(state.params, ref_state.params),
+        batch_stats=max_rel_diff(state.batch_stats, ref_state.batch_stats),
+        opt_state=max_rel_diff(state.opt_state, ref_state.opt_state),
+        method_state=max_rel_diff(state.method_state, ref_state.method_state),
+        step=int(state.step),
+        metrics=max(abs(m[k] - r[k]) / (abs(r[k]) + 1e-3)
+                    for m, r in zip(run['metrics'], ref['metrics']) for k in r),
+        eval=max(abs(run['eval'][k] - ref['eval'][k]) for k in ref['eval']),
+        metric_names=sorted(ref['metrics'][0]),
+        placements=run['placements'], expected=run['expected']))
+    print(json.dumps({k: v for k, v in results[-1].items()
+                      if k not in ('placements', 'expected', 'metric_names')}), flush=True)
+  with open(args.out, 'w') as f:
+    json.dump(results, f, indent=1)
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,294 @@
+"""L-MCL: the meta-gradient machinery (mcl_jax.meta) against hand derivations and finite
+differences in float64, the method's terms against independent NumPy / loop references on a
+heterogeneous cohort, and a smoke training run with the meta step."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from mcl_jax import checkpoint as ckpt_lib
+from mcl_jax import cohort as cohort_lib
+from mcl_jax import config_lib, losses, meta, methods, train
+from mcl_jax.step import LossContext
+
+LR, WD, MU = 0.3, 5e-4, 0.9
+
+
+# ---------------------------------------------------------------------------------------------- #
+# mcl_jax.meta on toys.
+# ---------------------------------------------------------------------------------------------- #
+def quadratic_problem(size=5, seed=0):
+  """inner = 0.5 sum(phi * theta^2), outer = 0.5 |theta - c|^2: every gradient is elementwise."""
+  rng = np.random.default_rng(seed)
+  theta0, phi, target = rng.normal(size=size), rng.uniform(0.5, 1.5, size), rng.normal(size=size)
+  inner = lambda theta, p: 0.5 * jnp.sum(p * theta**2)  # noqa: E731
+  outer = lambda theta: 0.5 * jnp.sum((theta - target)**2)  # noqa: E731
+  return theta0, phi, target, inner, outer
+
+
+def numpy_trajectory(theta0, phi, target, inner_steps):
+  """theta_n of momentum SGD on the quadratic (NumPy float64)."""
+  theta, v, thetas = theta0.copy(), np.zeros_like(theta0), [theta0.copy()]
+  for n in range(inner_steps + 1):
+    grad = phi * theta if n < inner_steps else theta - target
+    v = MU * v + grad + WD * theta
+    theta = theta - LR * v
+    thetas.append(theta)
+  return thetas
+
+
+def test_one_inner_step_matches_hand_derived_gradient():
+  """theta1 = (1 - lr wd - lr phi) theta0;  theta2 = theta1 - lr (mu v1 + (1 + wd) theta1 - c),
+  so d theta2 / d phi = -lr theta0 ((1 - lr (1 + wd)) + mu) and G = (theta2 - c) * that."""
+  with jax.enable_x64(True):
+    theta0, phi, target, inner, outer = quadratic_problem()
+    _, _, theta2 = numpy_trajectory(theta0, phi, target, inner_steps=1)
+    expected = (theta2 - target) * (-LR * theta0) * ((1 - LR * (1 + WD)) + MU)
+    kw = dict(lr=LR, weight_decay=WD, momentum=MU, inner_steps=1)
+    for mode in meta.MODES:  # with one inner step the authors' recursion is exact too
+      got = meta.hypergradient(jnp.asarray(phi), jnp.asarray(theta0), inner, outer, mode=mode, **kw)
+      np.testing.assert_allclose(got, expected, rtol=1e-12)
+    unrolled = meta.unrolled_outer_loss(jnp.asarray(phi), jnp.asarray(theta0), inner, outer, **kw)
+    np.testing.assert_allclose(unrolled, 0.5 * np.sum((theta2 - target)**2), rtol=1e-12)
+
+
+def test_official_mode_differs_by_the_documented_amount():
+  """inner_steps = 2: G_official - G_exact = (1 - wd) mu lr^2 J_1^T grad outer(theta_3), with
+  J_1^T a = theta0 * a here; the recursion with coupling = wd is the exact gradient."""
+  with jax.enable_x64(True):
+    theta0, phi, target, inner, outer = quadratic_problem(seed=1)
+    theta3 = numpy_trajectory(theta0, phi, target, inner_steps=2)[-1]
+    kw = dict(lr=LR, weight_decay=WD, momentum=MU, inner_steps=2)
+    args = (jnp.asarray(phi), jnp.asarray(theta0), inner, outer)
+    exact = meta.hypergradient(*args, mode='exact', **kw)
+    official = meta.hypergradient(*args, mode='official', **kw)
+    np.testing.assert_allclose(official - exact,
+                               (1 - WD) * MU * LR**2 * theta0 * (theta3 - target), rtol=1e-10)
+    assert np.max(np.abs(official - exact)) > 1e-3 * np.max(np.abs(exact))
+    adjoint = meta._adjoint_hypergradient(*args, coupling=WD, **kw)  # pylint: disable=protected-access
+    np.testing.assert_allclose(adjoint, exact, rtol=1e-10)
+
+
+def dense_problem(seed=0, batch=6, in_dim=4, width=3, proj=2, classes=3):
+  """A two-'peer' toy in the shape of L-MCL: features f_a, f_b of a shared input; per-sample
+  weights sigmoid(cos(P_a f_a, P_b f_b)) (phi = P_a, P_b with biases) on a per-sample contrastive
+  stand-in; outer = CE of both peers' linear classifiers."""
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(batch, in_dim))
+  y = rng.integers(0, classes, batch)
+  theta = {'a': rng.normal(size=(in_dim, width)), 'b': rng.normal(size=(in_dim, width)),
+           'cls_a': rng.normal(size=(width, classes)), 'cls_b': rng.normal(size=(width, classes))}
+  phi = {'pa': rng.normal(size=(width, proj)), 'pb': rng.normal(size=(width, proj)),
+         'bias': rng.normal(size=(2, proj))}
+
+  def features(t):
+    return jnp.tanh(x @ t['a']), jnp.tanh(x @ t['b'])
+
+  def inner(t, p):
+    fa, fb = features(t)
+    w = losses.layer_match_weights(jnp.stack([fa @ p['pa'] + p['bias'][0],
+                                              fb @ p['pb'] + p['bias'][1]])[:, None])  # [2, B]
+    per_sample = jnp.sum((fa - fb)**2, axis=-1)
+    return jnp.sum(w * per_sample[None])
+
+  def outer(t):
+    fa, fb = features(t)
+    logits = jnp.stack([fa @ t['cls_a'], fb @ t['cls_b']])
+    return losses.ce_loss(logits, y)
+
+  return theta, phi, inner, outer
+
+
+def test_hypergradient_matches_central_finite_differences():
+  with jax.enable_x64(True):
+    theta, phi, inner, outer = dense_problem()
+    theta = jax.tree.map(jnp.asarray, theta)
+    phi = jax.tree.map(jnp.asarray, phi)
+    kw = dict(lr=LR, weight_decay=WD, momentum=MU, inner_steps=2)
+    f = jax.jit(lambda p: meta.unrolled_outer_loss(p, theta, inner, outer, **kw))
+    flat, unravel = jax.flatten_util.ravel_pytree(phi)
+    eps = 1e-5
+    fd = np.array([(f(unravel(flat + eps * e)) - f(unravel(flat - eps * e))) / (2 * eps)
+                   for e in np.eye(flat.size)])
+    assert np.max(np.abs(fd)) > 1e-4  # phi really moves the outer loss
+    for remat in (True, False):
+      got = jax.flatten_util.ravel_pytree(
+          meta.hypergradient(phi, theta, inner, outer, remat=remat, **kw))[0]
+      np.testing.assert_allclose(got, fd, rtol=1e-6, atol=1e-10)
+    adjoint = meta._adjoint_hypergradient(phi, theta, inner, outer, coupling=WD, **kw)  # pylint: disable=protected-access
+    np.testing.assert_allclose(jax.flatten_util.ravel_pytree(adjoint)[0], fd, rtol=1e-6,
+                               atol=1e-10)
+
+
+def test_meta_sgd_update_is_torch_nesterov():
+  phi, grad = np.array([1.0, -2.0]), np.array([0.5, 0.25])
+  state = meta.meta_optimizer(WD, MU).init(jnp.asarray(phi))
+  buf = np.zeros(2)
+  for lr in (0.1, 0.05):
+    new_phi, state = meta.meta_sgd_update(jnp.asarray(phi), jnp.asarray(grad), state, lr,
+                                          weight_decay=WD, momentum=MU)
+    g = grad + WD * phi
+    buf = MU * buf + g
+    phi = phi - lr * (g + MU * buf)
+    np.testing.assert_allclose(new_phi, phi, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- #
+# The method on a heterogeneous cohort.
+# ---------------------------------------------------------------------------------------------- #
+def np_log_softmax(x):
+  x = x - x.max(-1, keepdims=True)
+  return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def np_kl(student, target, T):
+  pt = np.exp(np_log_softmax(target / T))
+  return T * T * np.sum(pt * (np.log(pt) - np_log_softmax(student / T))) / student.shape[0]
+
+
+def np_dense(p, x):
+  return x @ np.asarray(p['kernel'], np.float64) + np.asarray(p['bias'], np.float64)
+
+
+def test_method_terms_match_references_on_heterogeneous_cohort():
+  config = config_lib.base_config()
+  config.model.archs, config.cohort.num_peers = ('resnet8', 'wrn_16_2'), 2
+  config.method.update(name='lmcl', embed_dim=16)
+  cohort = cohort_lib.build_cohort(config.model, config.cohort, num_classes=4)
+  method = methods.get_method(config.method)
+  images = jax.random.normal(jax.random.key(1), (8, 8, 8, 3))
+  labels = np.arange(8) // 2
+  peer_params, peer_stats = jax.jit(cohort.init)(jax.random.key(0), images[:1])
+  params, state = jax.jit(lambda k: method.init(k, cohort, labels))(jax.random.key(2))
+  outputs, _ = jax.jit(lambda p, s: cohort.apply(p, s, images, train=True))(peer_params, peer_stats)
+  ctx = LossContext(rng=None, step=jnp.zeros((), jnp.int32), peer_params=peer_params,
+                    cohort=cohort)
+
+  @jax.jit
+  def method_outputs(params, state, outputs):
+    stages, _ = method.stages(cohort, params['branches'], state['batch_stats'], outputs,
+                              train=True)
+    return (method.loss(params, state, outputs, {'label': labels}, ctx),
+            method.match_weights(state['phi'], stages))
+
+  (total, terms, new_state), method_weights = method_outputs(params, state, outputs)
+
+  @jax.jit
+  def reference_stages(params, state, outputs):
+    """Stage features / logits `[K][S]`, peer by peer with plain flax apply."""
+    feats, logits = [], []
+    for g, group in enumerate(cohort.groups):
+      out = jax.tree.map(lambda x: x[0], outputs['groups'][g])
+      peer_feats, peer_logits = [], []
+      for first in (1, 2):
+        variables = {'params': jax.tree.map(lambda x: x[0], params['branches'][g][first - 1]),
+                     'batch_stats': jax.tree.map(lambda x: x[0],
+                                                 state['batch_stats'][g][first - 1])}
+        branch, _ = method.branch_model(group, first).apply(
+            variables, out['stages'][first - 1], train=True, mutable=['batch_stats'])
+        peer_feats.append(branch['feature'])
+        peer_logits.append(branch['logits'])
+      feats.append(peer_feats + [out['feature']])
+      logits.append(peer_logits + [out['logits']])
+    return feats, logits
+
+  feats, logits = jax.tree.map(lambda x: np.asarray(x, np.float64),
+                               reference_stages(params, state, outputs))
+  K, S = 2, 3
+  # Layer-matching weights in the spec's order (i, j != i, s, t), NumPy.
+  proj = [[np_dense(jax.tree.map(lambda x: x[0, s], state['phi'][k]), feats[k][s])
+           for s in range(S)] for k in range(K)]
+  unit = [[p / np.linalg.norm(p, axis=-1, keepdims=True) for p in row] for row in proj]
+  w = np.array([1 / (1 + np.exp(-np.sum(unit[i][s] * unit[j][t], axis=-1)))
+                for i in range(K) for j in range(K) if j != i for s in range(S) for t in range(S)])
+  # Contrastive terms: loop over combinations of the per-pair function.
+  emb = [[method.head.apply({'params': jax.tree.map(lambda x: x[0, s], params['heads'][k])},
+                            jnp.asarray(feats[k][s], jnp.float32)) for s in range(S)]
+         for k in range(K)]
+  combos = [(i, j, s, t) for i in range(K) for j in range(K) if j != i
+            for s in range(S) for t in range(S)]
+  pair_terms = jax.jit(losses.pair_mcl_terms, static_argnums=(4, 5))
+  pair = np.sum([np.asarray(pair_terms(emb[i][s], emb[j][t], labels, w[n], config.method.tau,
+                                       config.method.kd_T))
+                 for n, (i, j, s, t) in enumerate(combos)], axis=0)
+  # CE of every stage, aggregator, KD, NumPy.
+  ce = -sum(np.mean(np_log_softmax(logits[k][s])[np.arange(8), labels])
+            for k in range(K) for s in range(S))
+  aggregated = []
+  for k in range(K):
+    p = jax.tree.map(lambda x: x[0], params['aggregator'][k])
+    hidden = np.maximum(np_dense(p['fc1'], np.concatenate(feats[k], axis=-1)), 0)
+    pi = np.exp(np_log_softmax(np_dense(p['fc2'], hidden)))
+    aggregated.append(sum(pi[:, s, None] * logits[k][s] for s in range(S)))
+  ce_agg = -sum(np.mean(np_log_softmax(a)[np.arange(8), labels]) for a in aggregated)
+  kd = sum(np_kl(logits[i][-1], aggregated[j], config.method.kd_T)
+           for i in range(K) for j in range(K))
+
+  c = config.method
+  expected = dict(zip(('vcl', 'soft_vcl', 'icl', 'soft_icl'), pair), ce=ce, ce_agg=ce_agg, kd=kd)
+  assert set(terms) == set(expected)
+  for name, value in expected.items():
+    np.testing.assert_allclose(terms[name], value, rtol=2e-4, err_msg=name)
+  np.testing.assert_allclose(
+      total, ce + ce_agg + kd + c.alpha * pair[0] + c.gamma * pair[1] + c.beta * pair[2]
+      + c.lam * pair[3], rtol=2e-4)
+  # The method's weights are the spec's, and its branch BN statistics were updated.
+  np.testing.assert_allclose(method_weights, w, rtol=1e-5)
+  assert not np.allclose(jax.tree.leaves(new_state['batch_stats'])[0],
+                         jax.tree.leaves(state['batch_stats'])[0])
+
+
+def test_unit_weights_recover_plain_pair_terms():
+  """K = 2, S = 1 with w = 1: every unordered pair is counted twice, so the L-MCL totals are
+  2x MCL's vcl / soft_vcl / icl / soft_icl."""
+  rng = np.random.default_rng(3)
+  emb = losses.l2_normalize(jnp.asarray(rng.normal(size=(2, 8, 5)), jnp.float32))
+  labels = jnp.asarray(np.arange(8) // 2)
+  tau, T = 0.1, 3.0
+  got = losses.layer_mcl_loss(emb[:, None], labels, jnp.ones((2, 8)), tau, T)
+  plain = (losses.vcl_loss(emb, labels, tau), losses.soft_vcl_loss(emb, tau, T),
+           losses.icl_loss(emb, labels, tau), losses.soft_icl_loss(emb, tau, T))
+  np.testing.assert_allclose(got, 2 * np.asarray(plain), rtol=1e-5)
+
+
+def test_lmcl_rejects_memory_bank_and_single_peer():
+  config = config_lib.base_config()
+  config.model.arch = 'resnet8'
+  config.method.update(name='lmcl', memory_bank=True)
+  cohort = cohort_lib.build_cohort(config.model, config.cohort, num_classes=4)
+  with pytest.raises(ValueError, match='memory_bank'):
+    methods.get_method(config.method).init(jax.random.key(0), cohort, np.zeros(4, np.int32))
+  config.method.memory_bank, config.cohort.num_peers = False, 1
+  cohort = cohort_lib.build_cohort(config.model, config.cohort, num_classes=4)
+  with pytest.raises(ValueError, match='>= 2 peers'):
+    methods.get_method(config.method).init(jax.random.key(0), cohort, np.zeros(4, np.int32))
+
+
+# ---------------------------------------------------------------------------------------------- #
+# Smoke run: the loop with the meta step.
+# ---------------------------------------------------------------------------------------------- #
+def test_smoke_training_run_with_meta_step(tmp_path):
+  config = tiny_config(**{'method.name': 'lmcl', 'method.meta_every_steps': 2,
+                          'cohort.strategy': 'vmap', 'total_steps': 4, 'eval_every_steps': 4})
+  workdir = str(tmp_path)
+  result = train.run(config, workdir)
+  assert 0 <= result['eval/best_peer/top1'] <= 1
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    rows = [json.loads(line) for line in f]
+  logged = {k: v for row in rows for k, v in row.items() if k.startswith('train/')}
+  assert {'train/ce_agg', 'train/kd', 'train/vcl', 'train/soft_icl'} <= set(logged)
+  assert all(np.isfinite(v) for row in rows for v in row.values() if isinstance(v, float))
+  # The meta steps (after steps 0 and 2) moved phi and filled its persistent momentum.
+  exp = train.Experiment(config)
+  ckpt = ckpt_lib.Checkpointer(workdir, train.run_identity(config))
+  state, _ = ckpt.restore_latest(exp.abstract_state_with_shardings())
+  ckpt.close()
+  initial = exp.init_state()
+  moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))),
+                       state.method_state['phi'], initial.method_state['phi'])
+  assert all(np.isfinite(m) and m > 0 for m in jax.tree.leaves(moved))
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.method_state))
