@@ -129,8 +129,8 @@ class Checkpointer:
       if step in manager.all_steps():
         return self._restore(manager, step, abstract_state)
     available = sorted(set(self.latest.all_steps()) | set(self.best.all_steps()))
-    raise CheckpointError(f'No checkpoint of step {step} in {os.path.dirname(self.latest.directory)}'
-                          f'; the steps saved are {available}.')
+    root = os.path.dirname(self.latest.directory)
+    raise CheckpointError(f'No checkpoint of step {step} in {root}; saved steps: {available}.')
 
   def _set_aside(self, steps) -> None:
     """Moves the unrestorable `steps` of the latest series to `checkpoints/unrestorable/`."""

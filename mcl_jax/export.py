@@ -1,4 +1,4 @@
-"""Export trained peers: `python -m mcl_jax.export --workdir DIR --peer K|all --out FILE [--step N]`.
+"""Export peers: `python -m mcl_jax.export --workdir DIR --peer K|all --out FILE [--step N]`.
 
 Writes one peer (or every peer of the cohort) of a checkpoint as a plain msgpack file (Flax
 serialization): per peer its architecture, `params` and `batch_stats`, plus the number of classes,

@@ -40,7 +40,7 @@ def _run_labels(workdirs) -> list[str]:
 
 
 def make_figure(workdirs):
-  """A matplotlib Figure of the runs in `workdirs`; axes titled ACCURACY_PANEL and each loss term."""
+  """A matplotlib Figure of the runs in `workdirs`: panels ACCURACY_PANEL and one per loss term."""
   runs = [read_metrics(w) for w in workdirs]
   names = set().union(*(r for records in runs for r in records))
   losses = sorted((n for n in names if n.startswith('train/') and n not in NOT_LOSSES),

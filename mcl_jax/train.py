@@ -206,8 +206,8 @@ class _StopRequest:
     if threading.current_thread() is not threading.main_thread():
       yield self
       return
-    # Multi-host, SIGTERM belongs to JAX's preemption sync service (Checkpointer.reached_preemption):
-    # all hosts must stop at the same step.
+    # Multi-host, SIGTERM belongs to JAX's preemption sync service (see
+    # Checkpointer.reached_preemption): all hosts must stop at the same step.
     signals = (signal.SIGTERM, signal.SIGINT) if jax.process_count() == 1 else (signal.SIGINT,)
     previous = {s: signal.signal(s, self) for s in signals}
     try:

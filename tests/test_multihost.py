@@ -28,8 +28,8 @@ def _free_port() -> int:
 
 def _run_two_processes(workdir: str, stop_after: int) -> list[dict]:
   env = dict(os.environ, JAX_PLATFORMS='cpu',
-             # LLVM -O0: ~5x faster CPU compiles; both processes run the same program.
-             XLA_FLAGS='--xla_backend_optimization_level=0')
+             # LLVM -O1: faster CPU compiles (see test_sharding.py for why not -O0).
+             XLA_FLAGS='--xla_backend_optimization_level=1')
   port = str(_free_port())
   procs = [subprocess.Popen([sys.executable, WORKER, str(i), '2', port, workdir, str(stop_after)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,

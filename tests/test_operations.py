@@ -1,4 +1,4 @@
-"""Operations: SIGTERM and preemption, damaged checkpoints, bad input, NaN, evaluate / export / plot.
+"""Operations: SIGTERM and preemption, damaged checkpoints, bad input, NaN, evaluate/export/plot.
 
 One module-scoped pair of runs is shared: a `python -m mcl_jax.main` subprocess SIGTERMed mid-run
 and resumed, and the same config run uninterrupted in-process (checkpoints at steps 4, 8, 12).
@@ -283,8 +283,8 @@ def test_nan_in_a_batch_stops_the_run_with_the_last_checkpoint_intact(
   monkeypatch.setattr(step_lib, 'augmented_batch', augmented_batch_with_nan)
   workdir = str(tmp_path / 'nan')
   # On XLA:CPU the ReLUs drop NaNs and the loss may stay finite; the poisoned state does not.
-  with pytest.raises(train.NonFiniteLossError,
-                     match=r'Non-finite (loss|parameters or BatchNorm statistics).* at step 6: ') as e:
+  stopped = r'Non-finite (loss|parameters or BatchNorm statistics).* at step 6: '
+  with pytest.raises(train.NonFiniteLossError, match=stopped) as e:
     train.run(runs.config, workdir)
   assert '"ce": ' in str(e.value) and '"dml": ' in str(e.value)
   ckpt = ckpt_lib.Checkpointer(workdir, train.run_identity(runs.config))

@@ -48,7 +48,7 @@ class Method:
       'feature' [K_g, B, d_g] and 'stages').
     batch: 'image' (augmented, normalised) [B, H, W, C], 'label' [B], 'index' [B] (training-set
       positions, for memory banks).
-    ctx: a `mcl_jax.step.LossContext` (rng, step, peer_params, frozen).
+    ctx: a `mcl_jax.step.LossContext` (rng, step, peer_params, frozen, cohort).
     """
     raise NotImplementedError
 
