@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from mcl_jax.metrics import read_metrics
 
@@ -61,7 +62,7 @@ def test_two_processes_train_and_resume(tmp_path):
     assert r['mesh'] == {'data': 4, 'peer': 2}
     assert r['step'] == 2
     # Memory bank [K=2, N=128, D=16] split over peer (2) and data (4): 1 x 32 slots per device.
-    assert r['memory_spec'] == "PartitionSpec('peer', 'data')"
+    assert r['memory_spec'] == str(P('peer', 'data'))
     assert r['memory_local_shape'] == [1, 32, 16]
   # Each process feeds only its own half of the global batch of 16.
   assert first[0]['batch_rows'] == list(range(8)) and first[1]['batch_rows'] == list(range(8, 16))
