@@ -9,9 +9,8 @@ logit_kd, seed, smoke.
 
 Expected top-1 (the paper's README): ResNet-18 69.76 -> 70.32 (x2), 70.77 (x4), 70.82 (x4+KD);
 ResNet-34 73.30 -> 74.13 (x2), 74.34 (x4). Not reproduced here (no ImageNet on this machine).
-NOTE: training reads ImageNet through `mcl_jax.data.imagenet_iterator` (grain); the loop's
-streaming input path is tracked in the scale-out issue, so this config currently validates and
-fails early with the missing-data message when the data is absent.
+Training streams ImageNet through grain (`mcl_jax.data.imagenet_iterator`, sharded per process);
+the memory bank's class index reads the training labels once and caches them in the workdir.
 """
 from mcl_jax import config_lib
 
@@ -21,7 +20,8 @@ def get_config(arg=None):
   c = config_lib.base_config()
   c.seed = args['seed']
   c.data.name = 'imagenet2012'
-  c.data.crop_padding = 0
+  c.data.crop_padding = 0   # RandomResizedCrop + flip run on the host (grain), not on device
+  c.data.flip = False
   c.data.eval_batch_size = 500
   c.model.arch = args['arch']
   c.model.dtype = 'bfloat16'

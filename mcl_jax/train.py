@@ -34,10 +34,14 @@ class NonFiniteLossError(FloatingPointError):
 # --------------------------------------------------------------------------------------------- #
 # Building blocks shared by train, evaluate and the benchmark.
 # --------------------------------------------------------------------------------------------- #
-def load_data(config):
-  """(train, test) InMemoryDatasets, shrunk as `data.train_examples` / `eval_examples` say."""
-  train = data.load(config.data.name, 'train', config.data.data_dir or None)
-  test = data.load(config.data.name, 'test', config.data.data_dir or None)
+def load_data(config, workdir: str | None = None):
+  """(train, test): InMemoryDatasets shrunk as `data.train_examples` / `eval_examples` say, or
+  `StreamedSplit`s for data sets streamed from tfds (imagenet2012)."""
+  name, data_dir = config.data.name, config.data.data_dir or None
+  if name not in data.IN_MEMORY_NAMES:
+    return StreamedSplit(name, 'train', data_dir, workdir), StreamedSplit(name, 'test', data_dir)
+  train = data.load(name, 'train', data_dir)
+  test = data.load(name, 'test', data_dir)
   if config.data.train_examples > 0:
     # A fixed, seed-independent subset so smoke runs and tests see the same images.
     keep = np.sort(np.random.default_rng(0).permutation(len(train.labels))[:config.data.train_examples])
@@ -45,6 +49,49 @@ def load_data(config):
   if config.data.eval_examples > 0:
     test = test.take(config.data.eval_examples)
   return train, test
+
+
+class LazyLabels:
+  """The training labels of a streamed data set: the length is known at once, the values are read
+  (one pass over the records, cached in the workdir) only if a method asks for them."""
+
+  def __init__(self, name, data_dir, cache_dir, length):
+    self._args, self._length, self._labels = (name, data_dir, cache_dir), length, None
+
+  def __len__(self):
+    return self._length
+
+  def __array__(self, dtype=None, copy=None):
+    if self._labels is None:
+      self._labels = data.train_labels(*self._args)
+    return self._labels if dtype is None else self._labels.astype(dtype)
+
+
+@dataclasses.dataclass
+class StreamedSplit:
+  """A tfds split read through grain (`data.imagenet_iterator`), never held in memory."""
+  name: str
+  split: str
+  data_dir: str | None
+  cache_dir: str | None = None
+
+  def __post_init__(self):
+    info = data.dataset_info(self.name)
+    self.image_shape, self.num_classes = info.image_shape, info.num_classes
+    self.mean, self.std = data.normalization(self.name)
+    self.labels = LazyLabels(self.name, self.data_dir, self.cache_dir,
+                             data.num_examples(self.name, self.split))
+
+  def batches(self, global_batch: int, seed: int, start_step: int = 0, train: bool = True):
+    """This process's rows of each global batch (see `data.imagenet_iterator`)."""
+    return data.imagenet_iterator(self.split, self.data_dir, global_batch, seed,
+                                  start_step=start_step, image_size=self.image_shape[0],
+                                  train=train)
+
+
+def image_shape(dataset) -> tuple[int, ...]:
+  return tuple(dataset.image_shape if isinstance(dataset, StreamedSplit)
+               else dataset.images.shape[1:])
 
 
 def augment_spec(config, dataset) -> ml_collections.ConfigDict:
@@ -73,9 +120,10 @@ def schedule_lengths(config, num_train_examples: int) -> tuple[int, int]:
 class Experiment:
   """The pieces of one run, built from a config: data, cohort, method, optimizer, jitted steps."""
 
-  def __init__(self, config, *, devices=None):
+  def __init__(self, config, *, devices=None, workdir: str | None = None):
     self.config = config
-    self.train_data, self.test_data = load_data(config)
+    self.train_data, self.test_data = load_data(config, workdir)
+    self.streaming = isinstance(self.train_data, StreamedSplit)
     self.steps_per_epoch, self.total_steps = schedule_lengths(config, len(self.train_data.labels))
     self.cohort = cohort_lib.build_cohort(config.model, config.cohort,
                                           self.train_data.num_classes)
@@ -85,7 +133,7 @@ class Experiment:
     self.mesh = sharding.make_mesh(config.mesh, devices)
     self.aug = augment_spec(config, self.train_data)
 
-    sample = jnp.zeros((1,) + self.train_data.images.shape[1:], jnp.float32)
+    sample = jnp.zeros((1,) + image_shape(self.train_data), jnp.float32)
     self._init = functools.partial(step_lib.create_state, self.cohort, self.method, self.tx,
                                    sample_images=sample,
                                    train_labels=self.train_data.labels)
@@ -113,11 +161,12 @@ class Experiment:
     self._take = jax.jit(
         lambda images, labels, idx: {'image': images[idx], 'label': labels[idx], 'index': idx},
         out_shardings=self.batch_sharding)
-    self.sampler = data.BatchSampler(
+    self.sampler = None if self.streaming else data.BatchSampler(
         self.train_data.labels, config.batch_size, config.seed,
         class_balanced=self.method.class_balanced or config.method.class_balanced,
         samples_per_class=config.method.samples_per_class)
     self._train_images = self._train_labels = None
+    self._stream, self._stream_step = None, None
 
   def init_state(self):
     """A fresh state created directly in its sharding (never materialised on one device)."""
@@ -129,7 +178,10 @@ class Experiment:
                         self.abstract_state, self.state_sharding)
 
   def batch(self, step: int):
-    """The training batch of `step`: indices chosen on the host, images gathered on device."""
+    """The training batch of `step`: indices chosen on the host, images gathered on device; or,
+    for streamed data, the next batch of the (deterministic, resumable) input stream."""
+    if self.streaming:
+      return self._streamed_batch(step)
     if self._train_images is None:  # The in-memory training set lives on the devices.
       self._train_images = sharding.host_to_global(self.train_data.images, self.replicated)
       self._train_labels = sharding.host_to_global(self.train_data.labels, self.replicated)
@@ -140,19 +192,34 @@ class Experiment:
     idx = sharding.global_batch(idx, self.batch_sharding, self.config.batch_size)
     return self._take(self._train_images, self._train_labels, idx)
 
+  def _streamed_batch(self, step: int):
+    if self._stream is None or step != self._stream_step:  # (re)start the stream at `step`
+      self._stream = self.train_data.batches(self.config.batch_size, self.config.seed,
+                                             start_step=step)
+    self._stream_step = step + 1
+    return sharding.global_batch(next(self._stream), self.batch_sharding, self.config.batch_size)
+
+  def eval_batches(self, dataset, batch_size: int):
+    """Global eval batches with a 'mask' for the padding of the last one."""
+    if isinstance(dataset, StreamedSplit):
+      for local in dataset.batches(batch_size, seed=0, train=False):
+        yield sharding.global_batch(local, self.batch_sharding, batch_size)
+      return
+    for start in range(0, len(dataset.labels), batch_size):
+      images, labels = dataset.images[start:start + batch_size], dataset.labels[start:start + batch_size]
+      pad = batch_size - len(labels)
+      batch = {'image': np.pad(images, ((0, pad),) + ((0, 0),) * (images.ndim - 1)),
+               'label': np.pad(labels, (0, pad)),
+               'mask': np.arange(batch_size) < len(labels)}
+      yield sharding.host_to_global(batch, self.batch_sharding)
+
   def evaluate(self, state, dataset=None) -> dict:
     """Per-peer top-1/top-5, ensemble top-1 and best-peer top-1 on `dataset` (default: test)."""
     test = self.test_data if dataset is None else dataset
     bs = self.config.data.eval_batch_size
     bs = max(bs // self.mesh.shape['data'], 1) * self.mesh.shape['data']
     totals = None
-    for start in range(0, len(test.labels), bs):
-      images, labels = test.images[start:start + bs], test.labels[start:start + bs]
-      pad = bs - len(labels)
-      batch = {'image': np.pad(images, ((0, pad),) + ((0, 0),) * (images.ndim - 1)),
-               'label': np.pad(labels, (0, pad)),
-               'mask': np.arange(bs) < len(labels)}
-      batch = sharding.host_to_global(batch, self.batch_sharding)
+    for batch in self.eval_batches(test, bs):
       counts = self.eval_step(state.params['peers'], state.batch_stats, batch)
       totals = counts if totals is None else jax.tree.map(jnp.add, totals, counts)
     totals = jax.device_get(totals)
@@ -231,7 +298,7 @@ def run(config, workdir: str, *, stop_after_steps: int | None = None) -> dict:
 def _run(config, workdir, stop, stop_after_steps):
   config_lib.validate(config)
   _check_workdir_writable(workdir)
-  exp = Experiment(config)
+  exp = Experiment(config, workdir=workdir)
   is_main = jax.process_index() == 0
 
   # ---- State: resume or init --------------------------------------------------------------- #
