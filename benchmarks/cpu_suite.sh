@@ -19,7 +19,13 @@ for k in $PEERS; do
   fi
   for s in $STRATEGIES; do
     "$JAX_PY" benchmarks/cohort_step.py --arch resnet32 --peers "$k" --batch 128 --method independent --strategy "$s" --steps "$STEPS"
-    [[ $k -gt 1 ]] && "$JAX_PY" benchmarks/cohort_step.py --arch resnet32 --peers "$k" --batch 128 --method mcl --strategy "$s" --steps "$STEPS"
   done
-  "$JAX_PY" benchmarks/cohort_step.py --arch resnet32 --peers "$k" --batch 128 --method independent --strategy unroll --steps "$STEPS" --no-fast-path
+  # The MCL step on the default (auto) strategy: its cost over the independent step is the loss terms.
+  if [[ $k -gt 1 ]]; then
+    "$JAX_PY" benchmarks/cohort_step.py --arch resnet32 --peers "$k" --batch 128 --method mcl --strategy auto --steps "$STEPS"
+  fi
+  if [[ $k -eq 1 ]]; then  # what the XLA:CPU compile option buys
+    "$JAX_PY" benchmarks/cohort_step.py --arch resnet32 --peers 1 --batch 128 --method independent --strategy auto --steps "$STEPS" --no-fast-path --breakdown
+    "$JAX_PY" benchmarks/cohort_step.py --arch resnet32 --peers 1 --batch 128 --method independent --strategy auto --steps "$STEPS" --breakdown
+  fi
 done
