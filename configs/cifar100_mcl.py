@@ -6,7 +6,8 @@ One table row per command (data prepared once with
     python -m mcl_jax.main --config configs/cifar100_mcl.py:arch=resnet32,peers=2 \
         --workdir workdirs/c100_r32_mclx2 --config.data.data_dir=$TFDS_DATA_DIR
 
-Arguments: arch (resnet32 | resnet56 | resnet110 | wrn_16_2 | wrn_40_2 | wrn_28_4 | ...),
+Arguments: arch (resnet32 | resnet56 | resnet110 | wrn_16_2 | wrn_40_2 | wrn_28_4 |
+shufflenetv2_0_5 | shufflenetv2_1_0),
 peers (2 | 4), method (mcl | dml | independent), logit_kd (the "+Logit KD" rows), baseline
 (one peer, CE only), seed, smoke.
 
@@ -18,6 +19,9 @@ Expected best-peer top-1 (the paper's README, mean±std of 3 runs):
 | wrn_16_2   | 72.55±0.24  | 74.56±0.11  | 75.79±0.07  | 76.34±0.22       |
 | wrn_40_2   | 76.89±0.29  | 77.51±0.42  | 78.84±0.22  | 80.02±0.45       |
 | wrn_28_4   | 79.17±0.29  |             |             | 81.68±0.31       |
+| shufflenetv2_0_5 | 67.39±0.35 | 69.55±0.22 | 70.92±0.28 |                |
+| shufflenetv2_1_0 | 70.93±0.24 | 73.26±0.18 | 75.18±0.25 | 77.02±0.32     |
+(HCGNet rows are out of scope: no HCGNet in the model zoo.)
 Not yet reproduced here (no CIFAR-100 on this machine); see README.
 """
 from mcl_jax import config_lib
