@@ -104,6 +104,34 @@ def test_contrast_index_sampler():
   np.testing.assert_array_equal(idx, again)
 
 
+def test_contrast_index_sampler_without_replacement():
+  """MCL-OKD / CRCD draw a uniform subset of the other-class examples per row (no repeats)."""
+  labels_all = np.array([2, 0, 1, 2, 0, 1, 2, 2, 0, 1, 1, 0], np.int32)
+  index = mcl_lib.class_index(labels_all)
+  own = jnp.asarray([0, 4, 5, 7])
+  sample = jax.jit(lambda key: mcl_lib.sample_contrast_indices(
+      key, own, jnp.asarray(labels_all[own]), index, num_pos=1, num_neg=5, replace=False))
+  counts = np.zeros((4, len(labels_all)))
+  draws = 2000
+  for t in range(draws):
+    idx = np.asarray(sample(jax.random.key(t)))
+    for b, n in enumerate(np.asarray(own)):
+      negatives = idx[b, 2:]
+      assert len(set(negatives)) == 5                                # without replacement
+      assert np.all(labels_all[negatives] != labels_all[n])
+      counts[b, negatives] += 1
+  for b, n in enumerate(np.asarray(own)):
+    pool = labels_all != labels_all[n]
+    # each of the |pool| candidates is in the subset with probability 5/|pool| (binomial, 5 sigma)
+    p = 5 / pool.sum()
+    sigma = np.sqrt(draws * p * (1 - p))
+    np.testing.assert_array_less(np.abs(counts[b, pool] - draws * p), 5 * sigma)
+    assert np.all(counts[b, ~pool] == 0)
+  mcl_lib.check_negative_pool(labels_all, 8)       # 12 examples, largest class 4 -> pool of 8
+  with pytest.raises(ValueError, match='num_negatives=9 exceeds the 8'):
+    mcl_lib.check_negative_pool(labels_all, 9)
+
+
 def test_memory_bank_method_updates_own_slots_only():
   cfg = method_config(name='mcl', embed_dim=8, memory_bank=True, num_positives=1,
                       num_negatives=5, tau=0.07)

@@ -19,8 +19,8 @@ import jax.numpy as jnp
 
 from mcl_jax import heads, losses
 from mcl_jax.losses.nce import init_memory
-from mcl_jax.methods.mcl import class_index, init_peer_heads, peer_embeddings, \
-    sample_contrast_indices
+from mcl_jax.methods.mcl import check_negative_pool, class_index, init_peer_heads, \
+    peer_embeddings, sample_contrast_indices
 from mcl_jax.methods.teacher import Distillation, teacher_model
 
 ELEMENTS = ('feat', 'grad')
@@ -46,6 +46,7 @@ class CRCD(Distillation):
     return heads.LinearEmbeddingHead(dim=self.config.embed_dim)
 
   def init(self, rng, cohort, train_labels):
+    check_negative_pool(train_labels, self.config.num_negatives)
     num_peers, dim = cohort.num_peers, self.config.embed_dim
     teacher_dim = teacher_model(self.config.teacher_arch,
                                 cohort.groups[0].model.num_classes).feature_dim
@@ -81,7 +82,8 @@ class CRCD(Distillation):
     teacher_elements = {'feat': t_out['feature'], 'grad': jax.lax.stop_gradient(
         losses.linear_ce_feature_grad(t_out['feature'], t_cls['kernel'].T, t_cls['bias'],
                                       labels))}
-    contrast_idx = sample_contrast_indices(ctx.rng, idx, labels, state, 0, c.num_negatives)
+    contrast_idx = sample_contrast_indices(ctx.rng, idx, labels, state, 0, c.num_negatives,
+                                           replace=False)
     num_peers = outputs['logits'].shape[0]
 
     terms, memory, Z = {}, {}, {}

@@ -79,6 +79,15 @@ class MCL(Method):
     return total, terms, {**state, 'memory': memory}
 
 
+def check_negative_pool(labels: np.ndarray, num_neg: int) -> None:
+  """Sampling without replacement needs `num_neg` <= N - (largest class): fail before compiling."""
+  labels = np.asarray(labels)
+  pool = len(labels) - int(np.bincount(labels).max())
+  if num_neg > pool:
+    raise ValueError(f'method.num_negatives={num_neg} exceeds the {pool} other-class examples '
+                     'available to the largest class: lower method.num_negatives.')
+
+
 def class_index(labels: np.ndarray) -> dict:
   """Example indices sorted by class, with each class's offset and count (for O(1) sampling)."""
   labels = np.asarray(labels)
@@ -89,18 +98,32 @@ def class_index(labels: np.ndarray) -> dict:
           'class_count': jnp.asarray(counts, jnp.int32)}
 
 
-def sample_contrast_indices(rng, own_index, labels, index, num_pos: int, num_neg: int):
+def sample_contrast_indices(rng, own_index, labels, index, num_pos: int, num_neg: int,
+                            replace: bool = True):
   """`[B, 1 + P + Q]` memory indices: own slot, P same-class slots (uniform over the class, which
-  contains the sample itself, as the reference), Q other-class slots (uniform, with replacement)."""
+  contains the sample itself, as the reference), Q other-class slots.
+
+  `replace=True` draws the Q negatives uniformly with replacement (MCL's memory bank, mcl.md §3:
+  O(B Q), fine at ImageNet's N). `replace=False` draws a uniform Q-subset of the other-class slots
+  per row (CRD-style 'exact' sampling of MCL-OKD and CRCD, other-methods.md §1): top-Q of uniform
+  keys over all N ranks with the own class masked out, O(B N) — meant for CIFAR-sized N; the
+  method's init checks Q against the smallest pool (:func:`check_negative_pool`).
+  """
   pos_rng, neg_rng = jax.random.split(rng)
   offset = index['class_offset'][labels][:, None]
   count = index['class_count'][labels][:, None]
   batch = labels.shape[0]
   pos_rank = jax.random.randint(pos_rng, (batch, num_pos), 0, count)
   num_examples = index['by_class'].shape[0]
-  # Uniform over the N - count other-class slots: draw a rank there and skip over the own class.
-  neg_rank = jax.random.randint(neg_rng, (batch, num_neg), 0, num_examples - count)
-  neg_rank = jnp.where(neg_rank >= offset, neg_rank + count, neg_rank)
+  if replace:
+    # Uniform over the N - count other-class slots: draw a rank there and skip over the own class.
+    neg_rank = jax.random.randint(neg_rng, (batch, num_neg), 0, num_examples - count)
+    neg_rank = jnp.where(neg_rank >= offset, neg_rank + count, neg_rank)
+  else:
+    rank = jnp.arange(num_examples)[None, :]
+    own_class = (rank >= offset) & (rank < offset + count)
+    keys = jnp.where(own_class, -1.0, jax.random.uniform(neg_rng, (batch, num_examples)))
+    _, neg_rank = jax.lax.top_k(keys, num_neg)
   positives = index['by_class'][offset + pos_rank]
   negatives = index['by_class'][neg_rank]
   return jnp.concatenate([own_index[:, None], positives, negatives], axis=1).astype(jnp.int32)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from mcl_jax import heads, losses
 from mcl_jax.losses.nce import init_memory
 from mcl_jax.methods.base import Method
-from mcl_jax.methods.mcl import class_index, sample_contrast_indices
+from mcl_jax.methods.mcl import check_negative_pool, class_index, sample_contrast_indices
 
 
 def views_per_peer(group) -> int:
@@ -36,6 +36,7 @@ class MCLOKD(Method):
     return heads.LinearEmbeddingHead(dim=self.config.embed_dim)
 
   def init(self, rng, cohort, train_labels):
+    check_negative_pool(train_labels, self.config.num_negatives)
     head_rng, memory_rng = jax.random.split(rng)
     view_heads = tuple(
         heads.init_stacked(self.head, jax.random.fold_in(head_rng, g),
@@ -52,7 +53,8 @@ class MCLOKD(Method):
     emb = jnp.concatenate([
         heads.apply_stacked(self.head, p, out['feature'].reshape((-1,) + out['feature'].shape[-2:]))
         for p, out in zip(params['heads'], outputs['groups'])])  # [M, B, F]
-    contrast_idx = sample_contrast_indices(ctx.rng, idx, labels, state, 0, c.num_negatives)
+    contrast_idx = sample_contrast_indices(ctx.rng, idx, labels, state, 0, c.num_negatives,
+                                           replace=False)
     terms = {'ce': losses.ce_loss(outputs['logits'], labels),
              'dot': losses.dot_loss(outputs['logits'], c.kd_T),
              'mcl': losses.mcl_okd_contrastive_loss(emb, state['memory'], contrast_idx, c.tau)}
