@@ -11,15 +11,25 @@ How the peers of a group are applied is a strategy, chosen in one place (`apply_
 - `unroll`: the K_g peers applied one after another inside the same jit (XLA:CPU runs grouped
             convolutions far slower than K plain ones; see BENCHMARKS.md).
 - `auto`:   the measured-fastest per backend (`AUTO_STRATEGY`).
+
+On a mesh with a `peer` axis (`Cohort.mesh`), a group whose K_g the axis divides is applied under
+`jax.shard_map` over `peer` (manual) with `data` left to the partitioner: each device applies only
+its K_g / peer local peers with the strategy above and the outputs come back stacked
+`P('peer', ...)`; the losses (cross-peer terms included) are computed outside by the partitioner.
+Letting jit partition the stacked update by itself gave a wrong gradient for the last peer on a
+(4, 2) mesh with K = 4 on XLA:CPU (benchmarks/results/sharding.md); the explicit per-device program
+is also what one wants on accelerators: no partitioner guesswork on the peer axis.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 STRATEGIES = ('auto', 'vmap', 'unroll')
 
@@ -57,6 +67,7 @@ class Cohort:
   """A cohort of peer networks. Pure: holds no variables, only how to make and apply them."""
   groups: tuple[PeerGroup, ...]
   strategy: str  # resolved: 'vmap' or 'unroll'
+  mesh: Any = None  # a ('data', 'peer') Mesh: groups are split over 'peer' by shard_map
 
   @property
   def num_peers(self) -> int:
@@ -90,7 +101,8 @@ class Cohort:
     """
     group_outputs, new_stats = [], []
     for group, p, bs in zip(self.groups, params, batch_stats):
-      out, stats = apply_group(group.model, p, bs, images, train=train, strategy=self.strategy)
+      out, stats = apply_group(group.model, p, bs, images, train=train, strategy=self.strategy,
+                               mesh=self.mesh)
       group_outputs.append(out)
       new_stats.append(stats)
     # A multi-branch model's logits [K_g, M, B, C] count as K_g * M peers (MCL-OKD's branches).
@@ -99,13 +111,36 @@ class Cohort:
     return {'logits': logits, 'groups': tuple(group_outputs)}, tuple(new_stats)
 
 
+def peer_axis_size(mesh, num_peers: int) -> int:
+  """How many ways `mesh`'s 'peer' axis splits a group of `num_peers` (1: not split)."""
+  if mesh is None or 'peer' not in mesh.shape:
+    return 1
+  peer = mesh.shape['peer']
+  return peer if peer > 1 and num_peers % peer == 0 else 1
+
+
 def apply_group(model: nn.Module, params, batch_stats, images, *, train: bool, strategy: str,
-                per_peer_inputs: bool = False):
+                per_peer_inputs: bool = False, mesh=None):
   """Applies K_g stacked peers of one architecture. Returns (outputs `[K_g, ...]`, batch_stats).
 
   images: `[B, ...]` shared by all peers, or with `per_peer_inputs` `[K_g, B, ...]`, one input per
   peer (e.g. L-MCL's auxiliary branches on each peer's own stage map).
+  mesh: with a 'peer' axis that divides K_g, each device applies its local peers (shard_map).
   """
+  local = functools.partial(apply_local_peers, model, train=train, strategy=strategy,
+                            per_peer_inputs=per_peer_inputs)
+  num_peers = jax.tree.leaves(params)[0].shape[0]
+  if peer_axis_size(mesh, num_peers) == 1:
+    return local(params, batch_stats, images)
+  return jax.shard_map(
+      local, mesh=mesh, axis_names={'peer'},
+      in_specs=(P('peer'), P('peer'), P('peer') if per_peer_inputs else P()),
+      out_specs=P('peer'))(params, batch_stats, images)
+
+
+def apply_local_peers(model: nn.Module, params, batch_stats, images, *, train: bool,
+                      strategy: str, per_peer_inputs: bool):
+  """`apply_group` on one device's (or the whole) stack of peers, with `strategy`."""
 
   def apply_one(p, bs, x):
     variables = {'params': p, 'batch_stats': bs}

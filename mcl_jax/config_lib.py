@@ -58,7 +58,9 @@ def base_config() -> ml_collections.ConfigDict:
       # Larger global batches (more hosts): 'linear' uses lr * batch_size / lr_reference_batch
       # (Goyal et al. 2017; pair it with warmup_epochs ~5 beyond 4x), 'none' uses lr as given.
       lr_scaling='none', lr_reference_batch=256))
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, peer=1))
+  # peer_shard_map: with mesh.peer > 1, each device applies its own peers under jax.shard_map
+  # over 'peer' (False: jit's partitioner splits the stacked cohort; BENCHMARKS.md compares them).
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, peer=1, peer_shard_map=True))
   c.teacher = ml_collections.ConfigDict(dict(arch='', checkpoint=''))
   # Distillation methods size their teacher-side heads from it: set teacher.arch, not this.
   c.method.teacher_arch = c.teacher.get_ref('arch')
@@ -190,6 +192,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
   peer = c.mesh.peer
   data_axis = c.mesh.data if c.mesh.data > 0 else num_devices // max(peer, 1)
   check(peer >= 1, 'mesh.peer', peer, 'must be >= 1')
+  check(isinstance(c.mesh.get('peer_shard_map', True), bool), 'mesh.peer_shard_map',
+        c.mesh.get('peer_shard_map'), 'must be True or False')
   check(data_axis * peer <= num_devices and data_axis >= 1, 'mesh.data', c.mesh.data,
         f'mesh data x peer = {data_axis} x {peer} needs more than the {num_devices} devices here')
   check(c.batch_size % max(data_axis, 1) == 0, 'batch_size', c.batch_size,

@@ -131,6 +131,8 @@ class Experiment:
     self.tx, self.schedule = optim.make_optimizer(config.optim, self.total_steps,
                                                   self.steps_per_epoch, config.batch_size)
     self.mesh = sharding.make_mesh(config.mesh, devices)
+    if self.mesh.shape['peer'] > 1 and config.mesh.get('peer_shard_map', True):
+      self.cohort = dataclasses.replace(self.cohort, mesh=self.mesh)
     self.aug = augment_spec(config, self.train_data)
 
     sample = jnp.zeros((1,) + image_shape(self.train_data), jnp.float32)

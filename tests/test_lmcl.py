@@ -255,17 +255,60 @@ def test_unit_weights_recover_plain_pair_terms():
   np.testing.assert_allclose(got, 2 * np.asarray(plain), rtol=1e-5)
 
 
-def test_lmcl_rejects_memory_bank_and_single_peer():
+def test_lmcl_rejects_single_peer():
   config = config_lib.base_config()
   config.model.arch = 'resnet8'
-  config.method.update(name='lmcl', memory_bank=True)
-  cohort = cohort_lib.build_cohort(config.model, config.cohort, num_classes=4)
-  with pytest.raises(ValueError, match='memory_bank'):
-    methods.get_method(config.method).init(jax.random.key(0), cohort, np.zeros(4, np.int32))
-  config.method.memory_bank, config.cohort.num_peers = False, 1
+  config.method.name, config.cohort.num_peers = 'lmcl', 1
   cohort = cohort_lib.build_cohort(config.model, config.cohort, num_classes=4)
   with pytest.raises(ValueError, match='>= 2 peers'):
     methods.get_method(config.method).init(jax.random.key(0), cohort, np.zeros(4, np.int32))
+
+
+def test_memory_bank_lmcl_terms_and_final_stage_update():
+  """ImageNet L-MCL: the method's terms are memory_layer_mcl_loss of its embeddings and weights at
+  the slots drawn by the step's key (own slot first), and only the batch's slots of every peer's
+  memory move, by the momentum update with the FINAL-stage embeddings."""
+  config = config_lib.base_config()
+  config.model.arch, config.cohort.num_peers = 'resnet8', 2
+  config.method.update(name='lmcl', embed_dim=8, memory_bank=True, num_positives=1,
+                       num_negatives=6, tau=0.07)
+  cohort = cohort_lib.build_cohort(config.model, config.cohort, num_classes=4)
+  method = methods.get_method(config.method)
+  assert not method.class_balanced
+  train_labels = np.arange(40, dtype=np.int32) % 4
+  batch = {'image': jax.random.normal(jax.random.key(1), (6, 8, 8, 3)),
+           'index': jnp.asarray([3, 17, 22, 8, 31, 0], jnp.int32)}
+  batch['label'] = jnp.asarray(train_labels[np.asarray(batch['index'])])
+  peer_params, peer_stats = jax.jit(cohort.init)(jax.random.key(0), batch['image'][:1])
+  params, state = jax.jit(lambda k: method.init(k, cohort, train_labels))(jax.random.key(2))
+  assert state['memory'].shape == (2, 40, 8)
+  ctx = LossContext(rng=jax.random.key(5), step=jnp.zeros((), jnp.int32),
+                    peer_params=peer_params, cohort=cohort)
+
+  @jax.jit
+  def run(params, state):
+    outputs, _ = cohort.apply(peer_params, peer_stats, batch['image'], train=True)
+    _, terms, new_state = method.loss(params, state, outputs, batch, ctx)
+    stages, _ = method.stages(cohort, params['branches'], state['batch_stats'], outputs,
+                              train=True)
+    emb = method.embeddings(params['heads'], stages)
+    idx = method.contrast_indices(state, batch, ctx.rng)
+    weights = method.match_weights(state['phi'], stages)
+    expected = losses.memory_layer_mcl_loss(emb, state['memory'], idx, 1, weights, 0.07,
+                                            config.method.kd_T)
+    return terms, new_state['memory'], emb, idx, expected
+
+  terms, memory, emb, idx, expected = run(params, state)
+  np.testing.assert_array_equal(idx[:, 0], batch['index'])
+  labels_idx = train_labels[np.asarray(idx)]
+  assert np.all(labels_idx[:, 1] == np.asarray(batch['label']))
+  assert np.all(labels_idx[:, 2:] != np.asarray(batch['label'])[:, None])
+  for name, value in zip(('vcl', 'soft_vcl', 'icl', 'soft_icl'), expected):
+    np.testing.assert_allclose(terms[name], value, rtol=1e-6, err_msg=name)
+  np.testing.assert_allclose(memory, losses.memory_update(state['memory'], emb[:, -1],
+                                                          batch["index"], 0.5), atol=1e-6)
+  untouched = np.setdiff1d(np.arange(40), np.asarray(batch['index']))
+  np.testing.assert_array_equal(memory[:, untouched], np.asarray(state['memory'])[:, untouched])
 
 
 # ---------------------------------------------------------------------------------------------- #
@@ -291,4 +334,23 @@ def test_smoke_training_run_with_meta_step(tmp_path):
   moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))),
                        state.method_state['phi'], initial.method_state['phi'])
   assert all(np.isfinite(m) and m > 0 for m in jax.tree.leaves(moved))
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.method_state))
+
+
+def test_smoke_memory_bank_run_with_meta_step(tmp_path):
+  """The ImageNet variant end to end on the tiny data: memory moves, phi moves, all finite."""
+  config = tiny_config(**{'method.name': 'lmcl', 'method.meta_every_steps': 2,
+                          'method.memory_bank': True, 'method.num_negatives': 16,
+                          'method.embed_dim': 16, 'total_steps': 3, 'eval_every_steps': 3})
+  result = train.run(config, str(tmp_path))
+  assert 0 <= result['eval/best_peer/top1'] <= 1
+  exp = train.Experiment(config)
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path), train.run_identity(config))
+  state, _ = ckpt.restore_latest(exp.abstract_state_with_shardings())
+  ckpt.close()
+  initial = exp.init_state()
+  for name in ('memory', 'phi'):
+    moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), state.method_state[name],
+                         initial.method_state[name])
+    assert all(np.isfinite(m) and m > 0 for m in jax.tree.leaves(moved)), name
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.method_state))

@@ -670,3 +670,88 @@ def test_layer_mcl_single_stage_relates_to_mcl(num_peers):
     layer, mcl = jit_call(both, e, ones)
     assert_close(layer, mcl)
     assert float(layer[0]) > 0 and float(layer[3]) > 0
+
+
+# ------------------------------------------------------------------------------------------------
+# L-MCL with memory banks (ImageNet, spec 3.1 + 2.1).
+# ------------------------------------------------------------------------------------------------
+
+
+def ref_memory_layer(es, et, memory, idx, num_pos, w5, tau, T):
+  """Explicit loop over (i, s, j != i, t); *_s student side, *_t stop-gradient targets."""
+  num_peers, num_stages = es.shape[:2]
+  num_cols = idx.shape[1]
+  icl_pos = np.tile(np.arange(num_cols) < 1 + num_pos, (idx.shape[0], 1))
+  vcl_pos = np.tile(np.arange(num_cols - 1) < num_pos, (idx.shape[0], 1))
+
+  def v(e, s, k):  # V(M_k, e[k, s]): peer k's stage-s embedding against its own memory
+    return ref_memory_logits(memory, idx, e[:, s], k, k, tau)[:, 1:]
+
+  def cross(e, s, k, m):  # I(M_m, e[k, s])
+    return ref_memory_logits(memory, idx, e[:, s], m, k, tau)
+
+  total = np.zeros(4)
+  for i in range(num_peers):
+    for m, j in enumerate([j for j in range(num_peers) if j != i]):
+      for s in range(num_stages):
+        for t in range(num_stages):
+          w = w5[i, m, s, t]
+          vcl = (ref_supcon(v(es, s, i), vcl_pos, np.ones_like(vcl_pos), w)
+                 + ref_supcon(v(es, t, j), vcl_pos, np.ones_like(vcl_pos), w))
+          soft_vcl = (ref_kl(v(es, s, i), v(et, t, j), T, w)
+                      + ref_kl(v(es, t, j), v(et, s, i), T, w))
+          icl = (ref_supcon(cross(es, s, i, j), icl_pos, np.ones_like(icl_pos), w)
+                 + ref_supcon(cross(es, t, j, i), icl_pos, np.ones_like(icl_pos), w))
+          soft_icl = (ref_kl(cross(es, s, i, j), cross(et, t, j, i), T, w)
+                      + ref_kl(cross(es, t, j, i), cross(et, s, i, j), T, w))
+          total += np.array([vcl, soft_vcl, icl, soft_icl])
+  return total
+
+
+@pytest.mark.parametrize('num_peers,num_stages,num_pos', [(2, 3, 1), (3, 2, 2)])
+def test_memory_layer_mcl_loss_matches_reference(num_peers, num_stages, num_pos):
+  e, w5, _ = make_layer_inputs(num_peers, num_stages, 5, 4, seed=17)
+  _, memory, idx = make_memory_inputs(num_peers, 5, 4, 20, num_pos, 6, seed=17)
+  tau = 0.1
+  with jax.enable_x64(True):
+    actual = jit_call(lambda e, w: losses.memory_layer_mcl_loss(e, memory, idx, num_pos, w, tau,
+                                                                T), e, w5.reshape(-1, 5))
+    assert_close(actual, tuple(ref_memory_layer(e, e, memory, idx, num_pos, w5, tau, T)))
+
+
+def test_memory_layer_mcl_gradients_match_finite_differences():
+  num_pos, tau = 1, 0.2
+  e_raw = np.random.default_rng(18).normal(size=(2, 2, 3, 3))
+  _, w5, _ = make_layer_inputs(2, 2, 3, 3, seed=18)
+  _, memory, idx = make_memory_inputs(2, 3, 3, 10, num_pos, 4, seed=18)
+  e0 = np_normalize(e_raw)
+  with jax.enable_x64(True):
+    def lib(raw, w, mem):
+      return jnp.stack(losses.memory_layer_mcl_loss(losses.l2_normalize(raw), mem, idx, num_pos,
+                                                    w, tau, T))
+
+    jac_emb, jac_w, jac_mem = jit_call(jax.jacrev(lib, argnums=(0, 1, 2)), e_raw, w5, memory)
+    assert_close(jac_mem, np.zeros((4,) + memory.shape), atol=0)  # the memory is a constant
+    for term in range(4):
+      expected = fd_grad(lambda raw: ref_memory_layer(
+          np_normalize(raw), e0, memory, idx, num_pos, w5, tau, T)[term], e_raw)
+      assert np.abs(expected).max() > 1e-3
+      assert_close(jac_emb[term], expected, rtol=1e-5, atol=1e-7)
+      expected_w = fd_grad(lambda w: ref_memory_layer(e0, e0, memory, idx, num_pos, w, tau,
+                                                      T)[term], w5)
+      assert_close(jac_w[term], expected_w, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize('num_peers', [2, 3])
+def test_memory_layer_single_stage_relates_to_memory_mcl(num_peers):
+  # S = 1, unit weights: as for the in-batch version, VCL counted 2(K-1) times, the rest twice.
+  e, _, _ = make_layer_inputs(num_peers, 1, 5, 4, seed=19)
+  _, memory, idx = make_memory_inputs(num_peers, 5, 4, 16, 1, 5, seed=19)
+  ones = np.ones((num_peers * (num_peers - 1), 5))
+  with jax.enable_x64(True):
+    layer = jit_call(lambda e, w: losses.memory_layer_mcl_loss(e, memory, idx, 1, w, 0.07, T),
+                     e, ones)
+    mcl = jit_call(lambda z: losses.memory_vcl_icl_losses(z, memory, idx, 1, 0.07, T), e[:, 0])
+    mcl = {k: np.asarray(v) for k, v in mcl.items()}
+    assert_close(layer, (2 * (num_peers - 1) * mcl['vcl'], 2 * mcl['soft_vcl'], 2 * mcl['icl'],
+                         2 * mcl['soft_icl']))

@@ -8,6 +8,7 @@ from mcl_jax.losses.mcl import (
     layer_mcl_loss,
     logit_kd_loss,
     mcl_loss,
+    memory_layer_mcl_loss,
     memory_update,
     memory_vcl_icl_losses,
     pair_mcl_terms,

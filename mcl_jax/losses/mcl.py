@@ -509,3 +509,72 @@ def layer_mcl_loss(emb, labels, w, tau, T) -> tuple[Array, Array, Array, Array]:
   soft_vcl = jnp.sum(_soft_kl_reduce(_intra_transfer_rows(intra, T), T, sym_w))
   soft_icl = jnp.sum(_soft_kl_reduce(_cross_transfer_rows(cross, T), T, sym_w))
   return vcl, soft_vcl, icl, soft_icl
+
+
+def _soft_kl_cross_entropy_rows(student_logits, target_logits, temperature, spec: str) -> Array:
+  """KL rows ``KL(softmax(sg t/T) || softmax(s/T))`` for every pairing that `spec` (an einsum of the
+  target's and the student's ``[..., B, N]`` into the output) names, without materialising the
+  pairs' ``[..., B, N]`` products: ``KL = sum_n pt log pt - sum_n pt log ps``."""
+  log_ps = jax.nn.log_softmax(_upcast(student_logits) / temperature, axis=-1)
+  log_pt = jax.nn.log_softmax(jax.lax.stop_gradient(_upcast(target_logits)) / temperature, axis=-1)
+  pt = jnp.exp(log_pt)
+  neg_entropy = jnp.sum(pt * log_pt, axis=-1)
+  return neg_entropy, jnp.einsum(spec, pt, log_ps)
+
+
+def memory_layer_mcl_loss(emb, memory, idx, num_pos: int, w, tau, T
+                          ) -> tuple[Array, Array, Array, Array]:
+  """ImageNet L-MCL totals, spec 3.1 with the memory-bank formulas of 2.1.
+
+  Every combination (ea = e_{i,s}, eb = e_{j,t}, i != j) with per-anchor weight w contributes
+  ``SupCon_w(V(M_i, ea)) + SupCon_w(V(M_j, eb))`` (VCL), ``KL_w(V(M_i, ea) || sg V(M_j, eb))`` and
+  the reverse (SoftVCL), ``SupCon_w(I(M_j, ea)) + SupCon_w(I(M_i, eb))`` (ICL) and
+  ``KL_w(I(M_j, ea) || sg I(M_i, eb))`` and the reverse (SoftICL), where ``I(M_k, z)[b] =
+  M_k[idx[b]] . z[b] / tau`` (positives: the first ``1 + num_pos`` columns) and ``V(M_k, z)`` is
+  the same without the own slot (positives: the first ``num_pos`` columns). Every stage of peer k
+  queries the memory of peer k (mcl.md §3.1; the official code's "first peer's memory" quirk,
+  §6.3, is not reproduced). Sums over all K(K-1)S^2 combinations, vectorised like
+  :func:`layer_mcl_loss`; the soft terms contract the target's probabilities with the student's
+  log-probabilities by einsum, so no ``[KS, KS, B, J]`` tensor is formed. The memory is
+  stop-gradient.
+
+  Args:
+    emb: ``[K, S, B, D]`` L2-normalised live embeddings.
+    memory: ``[K, N, D]`` per-peer memory banks.
+    idx: ``[B, 1 + P + Q]`` memory indices (own slot, P same-class, Q negatives).
+    num_pos: static ``P``.
+    w: layer weights, :func:`layer_match_weights` order.
+    tau, T: contrastive and KL temperatures.
+
+  Returns:
+    ``(vcl, soft_vcl, icl, soft_icl)`` scalars.
+  """
+  num_peers, num_stages, batch, _ = emb.shape
+  z = _upcast(emb)
+  bank = jax.lax.stop_gradient(_upcast(jnp.take(memory, idx, axis=1)))  # [K, B, J, D]
+  pair_w = _node_pair_weights(_upcast(w), num_peers, num_stages)       # [M, M, B]
+  sym_w = pair_w + jnp.swapaxes(pair_w, 0, 1)
+  # sym_w as [i, s, j, t, B]; and summed over the stages of the other node's peer.
+  sym_w = sym_w.reshape(num_peers, num_stages, num_peers, num_stages, batch)
+  w_to_peer = jnp.sum(sym_w, axis=3)                                   # [i, s, j, B]
+  columns = np.arange(idx.shape[-1])
+  all_columns = np.ones(idx.shape[-1], dtype=bool)
+
+  # I(M_j, e_{i,s}): [i, s, j, B, J]. For u = (i, s) only j != i carries weight.
+  cross = jnp.einsum('jbnd,isbd->isjbn', bank, z) / tau
+  r, valid = _supcon_rows(cross, columns < 1 + num_pos, all_columns)
+  icl = jnp.sum(_supcon_reduce(r, valid, w_to_peer))
+  # KL(I(M_j, e_{i,s}) || sg I(M_i, e_{j,t})): target [j, t, i, B, J], student [i, s, j, B, J].
+  neg_entropy, cross_ent = _soft_kl_cross_entropy_rows(
+      cross, cross, T, 'jtibn,isjbn->isjtb')
+  rows = jnp.transpose(neg_entropy, (2, 0, 1, 3))[:, None] - cross_ent  # [i, s, j, t, B]
+  soft_icl = jnp.sum(_soft_kl_reduce(rows, T, sym_w))
+
+  # V(M_i, e_{i,s}): [i, s, B, J - 1].
+  intra = jnp.einsum('ibnd,isbd->isbn', bank[:, :, 1:], z) / tau
+  r, valid = _supcon_rows(intra, columns[:-1] < num_pos, all_columns[:-1])
+  vcl = jnp.sum(_supcon_reduce(r, valid, jnp.sum(w_to_peer, axis=2)))
+  neg_entropy, cross_ent = _soft_kl_cross_entropy_rows(intra, intra, T, 'jtbn,isbn->isjtb')
+  rows = neg_entropy[None, None] - cross_ent                            # [i, s, j, t, B]
+  soft_vcl = jnp.sum(_soft_kl_reduce(rows, T, sym_w))
+  return vcl, soft_vcl, icl, soft_icl

@@ -19,8 +19,10 @@ CE (`mcl_jax.meta`); the real parameters are untouched and the virtual steps hav
 
 Parameters (`params['method']`): 'branches' (per group, per branch, `[K_g, ...]`), 'heads'
 (`[K_g, S, ...]`), 'aggregator' (`[K_g, ...]`). State: 'batch_stats' of the branches, 'phi'
-(`[K_g, S, ...]`) and 'phi_opt' (its optimizer state). Only the in-batch (CIFAR) contrast is
-implemented; ImageNet configs use it with the class-balanced sampler.
+(`[K_g, S, ...]`) and 'phi_opt' (its optimizer state); with `method.memory_bank` (ImageNet,
+mcl.md §3.1 + §2.1) also the per-peer memories 'memory' `[K, N, D]` (every stage of peer k queries
+M_k; updated with the final-stage embeddings) and the class index that samples their slots.
+Otherwise the contrast is in-batch (CIFAR) with the class-balanced sampler.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ import jax.numpy as jnp
 from mcl_jax import cohort as cohort_lib
 from mcl_jax import heads, losses, meta, models
 from mcl_jax.methods.base import Method
+from mcl_jax.methods.mcl import init_peer_memory, sample_contrast_indices
 
 META_MOMENTUM = 0.9  # heavy-ball momentum of the virtual steps, Nesterov momentum of phi's SGD
 MATCH_DIM = 128      # width of phi's projections
@@ -73,7 +76,9 @@ def _apply_peer_stage(module, params, features):
 class LMCL(Method):
   """The `lmcl` method; hyper-parameters from the `method` config section."""
 
-  class_balanced = True  # in-batch contrast: every anchor needs an in-batch positive
+  @property
+  def class_balanced(self):  # in-batch contrast: every anchor needs an in-batch positive
+    return not self.config.memory_bank
 
   @property
   def meta_every_steps(self):
@@ -95,10 +100,6 @@ class LMCL(Method):
   # Parameters and state.
   # ------------------------------------------------------------------------------------------ #
   def init(self, rng, cohort, train_labels):
-    del train_labels
-    if self.config.memory_bank:
-      raise ValueError('method.name=lmcl supports only the in-batch contrast; set '
-                       'method.memory_bank=False (the memory-bank L-MCL variant is not implemented).')
     if cohort.num_peers < 2:
       raise ValueError(f'method.name=lmcl needs >= 2 peers, got cohort.num_peers={cohort.num_peers}.')
     num_stages = {g.model.num_stages for g in cohort.groups}
@@ -128,7 +129,11 @@ class LMCL(Method):
               'aggregator': tuple(aggregators)}
     phi = tuple(phi)
     phi_opt = meta.meta_optimizer(self.config.meta_weight_decay, META_MOMENTUM).init(phi)
-    return params, {'batch_stats': tuple(branch_stats), 'phi': phi, 'phi_opt': phi_opt}
+    state = {'batch_stats': tuple(branch_stats), 'phi': phi, 'phi_opt': phi_opt}
+    if self.config.memory_bank:
+      state.update(init_peer_memory(jax.random.fold_in(rng, len(cohort.groups)),
+                                    cohort.num_peers, train_labels, self.config.embed_dim))
+    return params, state
 
   # ------------------------------------------------------------------------------------------ #
   # Forward pieces, shared by the step loss and the meta objectives.
@@ -142,7 +147,7 @@ class LMCL(Method):
       for first, (p, s) in enumerate(zip(params, stats), start=1):
         branch_out, s = cohort_lib.apply_group(
             self.branch_model(group, first), p, s, out['stages'][first - 1], train=train,
-            strategy=cohort.strategy, per_peer_inputs=True)
+            strategy=cohort.strategy, per_peer_inputs=True, mesh=cohort.mesh)
         group_feats.append(branch_out['feature'])
         group_logits.append(branch_out['logits'])
         group_stats.append(s)
@@ -171,12 +176,27 @@ class LMCL(Method):
       pis.append(heads.apply_stacked(StageAggregator(num_stages, d), p, concat))  # [K_g, B, S]
     return jnp.einsum('kbs,ksbc->kbc', jnp.concatenate(pis, axis=0), stages.logits)
 
-  def contrastive_terms(self, head_params, stages: Stages, labels, weights) -> dict:
-    """Unweighted L-MCL totals {vcl, soft_vcl, icl, soft_icl} with per-sample layer weights."""
+  def contrast_indices(self, state, batch, rng):
+    """Memory slots `[B, 1 + P + Q]` of this step (memory bank only, else None); the train and
+    meta steps of one step draw the same slots (same `rng`)."""
+    c = self.config
+    if not c.memory_bank:
+      return None
+    return sample_contrast_indices(rng, batch['index'], batch['label'], state, c.num_positives,
+                                   c.num_negatives)
+
+  def contrastive_terms(self, head_params, stages: Stages, labels, weights, memory=None,
+                        contrast_idx=None):
+    """(L-MCL totals {vcl, soft_vcl, icl, soft_icl} with per-sample layer weights, the `[K, S,
+    B, D]` embeddings); in-batch, or against `memory` at `contrast_idx` when given."""
     c = self.config
     emb = self.embeddings(head_params, stages)
-    names = ('vcl', 'soft_vcl', 'icl', 'soft_icl')
-    return dict(zip(names, losses.layer_mcl_loss(emb, labels, weights, c.tau, c.kd_T)))
+    if memory is None:
+      terms = losses.layer_mcl_loss(emb, labels, weights, c.tau, c.kd_T)
+    else:
+      terms = losses.memory_layer_mcl_loss(emb, memory, contrast_idx, c.num_positives, weights,
+                                           c.tau, c.kd_T)
+    return dict(zip(('vcl', 'soft_vcl', 'icl', 'soft_icl'), terms)), emb
 
   def contrastive_loss(self, terms: dict):
     c = self.config
@@ -193,7 +213,9 @@ class LMCL(Method):
     stages, new_stats = self.stages(ctx.cohort, params['branches'], state['batch_stats'],
                                     outputs, train=True)
     weights = jax.lax.stop_gradient(self.match_weights(state['phi'], stages))
-    terms = self.contrastive_terms(params['heads'], stages, labels, weights)
+    contrast_idx = self.contrast_indices(state, batch, ctx.rng)
+    terms, emb = self.contrastive_terms(params['heads'], stages, labels, weights,
+                                        state.get('memory'), contrast_idx)
     aggregated = self.aggregate(params['aggregator'], stages)
     final = stages.logits[:, -1]
     terms['ce'] = losses.ce_loss(stages.logits, labels)  # every stage of every peer
@@ -202,20 +224,27 @@ class LMCL(Method):
     kl_grid = jax.vmap(jax.vmap(losses.soft_kl, (None, 0, None)), (0, None, None))
     terms['kd'] = jnp.sum(kl_grid(final, aggregated, c.kd_T))
     total = terms['ce'] + terms['ce_agg'] + terms['kd'] + self.contrastive_loss(terms)
-    return total, terms, {**state, 'batch_stats': new_stats}
+    new_state = {**state, 'batch_stats': new_stats}
+    if c.memory_bank:  # with the final-stage embeddings only (mcl.md §3.1)
+      new_state['memory'] = losses.memory_update(state['memory'], jax.lax.stop_gradient(emb[:, -1]),
+                                                 batch['index'], c.memory_momentum)
+    return total, terms, new_state
 
   # ------------------------------------------------------------------------------------------ #
   # Meta-optimisation of phi (mcl.md §3.2).
   # ------------------------------------------------------------------------------------------ #
-  def meta_objectives(self, state, batch, cohort):
+  def meta_objectives(self, state, batch, cohort, rng=None):
     """(theta0, inner_loss(theta, phi), outer_loss(theta)) of `meta.hypergradient`.
 
     theta = peers + branches + heads (not the aggregators, not phi). Both objectives run every
-    network in train mode on `batch` (augmented, normalised) and drop the new BN statistics.
+    network in train mode on `batch` (augmented, normalised) and drop the new BN statistics; with
+    a memory bank the virtual steps contrast against the current memory (never updated there,
+    mcl.md §6.5) at the slots the step's `rng` draws.
     """
     method_params, method_state, labels = state.params['method'], state.method_state, batch['label']
     theta0 = {'peers': state.params['peers'], 'branches': method_params['branches'],
               'heads': method_params['heads']}
+    contrast_idx = self.contrast_indices(method_state, batch, rng)
 
     def stages_of(theta):
       outputs, _ = cohort.apply(theta['peers'], state.batch_stats, batch['image'], train=True)
@@ -225,7 +254,9 @@ class LMCL(Method):
     def inner_loss(theta, phi):
       stages = stages_of(theta)
       weights = self.match_weights(phi, stages)  # NOT stop-gradient: the path to phi
-      return self.contrastive_loss(self.contrastive_terms(theta['heads'], stages, labels, weights))
+      terms, _ = self.contrastive_terms(theta['heads'], stages, labels, weights,
+                                        method_state.get('memory'), contrast_idx)
+      return self.contrastive_loss(terms)
 
     def outer_loss(theta):
       return losses.ce_loss(stages_of(theta).logits, labels)
@@ -233,9 +264,8 @@ class LMCL(Method):
     return theta0, inner_loss, outer_loss
 
   def meta_update(self, state, batch, ctx, *, cohort, lr):
-    del ctx
     c, method_state = self.config, state.method_state
-    theta0, inner_loss, outer_loss = self.meta_objectives(state, batch, cohort)
+    theta0, inner_loss, outer_loss = self.meta_objectives(state, batch, cohort, ctx.rng)
     g_phi = meta.hypergradient(method_state['phi'], theta0, inner_loss, outer_loss, lr=lr,
                                weight_decay=c.meta_weight_decay, momentum=META_MOMENTUM,
                                inner_steps=c.meta_inner_steps, mode=c.meta_grad)

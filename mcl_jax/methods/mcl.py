@@ -50,11 +50,8 @@ class MCL(Method):
     params = {'heads': init_peer_heads(self.head, head_rng, cohort)}
     if not self.config.memory_bank:
       return params, {}
-    num_examples, dim = len(train_labels), self.config.embed_dim
-    bound = 1.0 / np.sqrt(dim / 3.0)  # the authors' uniform init, deliberately not normalised
-    memory = jax.random.uniform(memory_rng, (cohort.num_peers, num_examples, dim),
-                                minval=-bound, maxval=bound)
-    return params, {'memory': memory, **class_index(train_labels)}
+    return params, init_peer_memory(memory_rng, cohort.num_peers, train_labels,
+                                    self.config.embed_dim)
 
   def loss(self, params, state, outputs, batch, ctx):
     c = self.config
@@ -77,6 +74,15 @@ class MCL(Method):
     memory = losses.memory_update(state['memory'], jax.lax.stop_gradient(emb), example_index,
                                   c.memory_momentum)
     return total, terms, {**state, 'memory': memory}
+
+
+def init_peer_memory(rng, num_peers: int, train_labels, dim: int) -> dict:
+  """Per-peer memory banks `[K, N, dim]` (the authors' uniform init in +-1/sqrt(dim/3),
+  deliberately not normalised, mcl.md §2.1) and the class index used to sample their slots."""
+  bound = 1.0 / np.sqrt(dim / 3.0)
+  memory = jax.random.uniform(rng, (num_peers, len(train_labels), dim), minval=-bound,
+                              maxval=bound)
+  return {'memory': memory, **class_index(train_labels)}
 
 
 def check_negative_pool(labels: np.ndarray, num_neg: int) -> None:

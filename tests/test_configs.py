@@ -1,0 +1,36 @@
+"""Every shipped config loads (default arguments and `smoke`) and passes validation (data
+availability aside: CIFAR-100 / ImageNet are not prepared on the test machine)."""
+import glob
+import importlib.util
+import os
+
+import pytest
+
+from mcl_jax import config_lib, data
+
+from conftest import REPO
+
+CONFIGS = sorted(glob.glob(os.path.join(REPO, 'configs', '*.py')))
+
+
+def load(path):
+  spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.parametrize('path', CONFIGS, ids=os.path.basename)
+@pytest.mark.parametrize('arg', [None, 'smoke'])
+def test_config_loads_and_validates(path, arg, monkeypatch):
+  monkeypatch.setattr(data, 'check_available', lambda *a, **k: None)
+  module = load(path)
+  assert 'python -m mcl_jax.main --config configs/' in module.__doc__  # the command to run it
+  config = module.get_config(arg)
+  config_lib.validate(config, num_devices=1)
+
+
+def test_imagenet_lmcl_uses_the_memory_bank():
+  config = load(os.path.join(REPO, 'configs', 'imagenet_lmcl.py')).get_config()
+  assert config.method.name == 'lmcl' and config.method.memory_bank
+  assert (config.method.num_positives, config.method.num_negatives) == (1, 8192)
