@@ -1,30 +1,71 @@
-"""Per-step cost of MCL-OKD / KD / CKD / CRCD relative to a plain student step (CPU, quick-start size)."""
-import json, sys, time
-import jax, numpy as np
+r"""Per-step cost of MCL-OKD / KD / CKD / CRCD relative to a plain student step (CPU, quick-start size).
+
+    python -m mcl_jax.main --config configs/fashion_mnist_kd.py:role=teacher,smoke --workdir /tmp/fmt
+    python benchmarks/other_methods.py /tmp/fmt [ROUNDS]
+
+The teacher workdir only needs the right architecture (ResNet-20), so a smoke teacher serves. Every
+method's jitted train step is built first, then timed round-robin (ROUNDS rounds of 3 steps per
+method, after 2 warm-up steps each), so slow drifts of a shared machine hit all methods alike.
+Prints one JSON line per method: median step ms and the ratio to the plain student step.
+"""
+import json
+import statistics
+import sys
+import time
+
+import jax
+
 sys.path.insert(0, 'configs')
-import fashion_mnist_kd
-from mcl_jax import train
+import fashion_mnist_kd  # pylint: disable=g-import-not-at-top
+from mcl_jax import train  # pylint: disable=g-import-not-at-top
 
 TEACHER = sys.argv[1]  # a fashion_mnist_kd.py:role=teacher workdir (resnet20)
-STEPS = int(sys.argv[2]) if len(sys.argv) > 2 else 10
-rows = {}
-for label, arg in [('independent (plain ResNet-8 student)', 'method=independent'),
-                   ('kd', f'method=kd,teacher={TEACHER}'),
-                   ('ckd', f'method=ckd,teacher={TEACHER}'),
-                   ('crcd (K=500)', f'method=crcd,teacher={TEACHER}'),
-                   ('mcl_okd (resnet8_okd2: 2 branches, K=256)', 'method=mcl_okd')]:
-  exp = train.Experiment(fashion_mnist_kd.get_config(arg))
-  state = exp.init_state()
-  times = []
-  for step in range(STEPS + 2):
-    batch = exp.batch(step)
-    jax.block_until_ready(batch)
-    t0 = time.perf_counter()
-    state, metrics = exp.train_step(state, batch, exp.frozen)
+ROUNDS = int(sys.argv[2]) if len(sys.argv) > 2 else 4
+BASE = 'independent (ResNet-8 student alone)'
+METHODS = [
+    (BASE, 'method=independent', {}),
+    ('kd (+ teacher ResNet-20 forward, KL)', f'method=kd,teacher={TEACHER}', {}),
+    ('ckd (+ teacher forward, B x B logit InfoNCE)', f'method=ckd,teacher={TEACHER}', {}),
+    ('crcd, K = 64 (the Fashion-MNIST config)', f'method=crcd,teacher={TEACHER}', {}),
+    ('crcd, K = 500 (the CIFAR protocol)', f'method=crcd,teacher={TEACHER}',
+     {'num_negatives': 500}),
+    ('mcl_okd (resnet8_okd2: shared stem, 2 branches, K = 256)', 'method=mcl_okd', {}),
+    ('okd branches alone (alpha = beta = 0)', 'method=mcl_okd', {'alpha': 0.0, 'beta': 0.0}),
+]
+
+
+def build(arg, method_overrides):
+  config = fashion_mnist_kd.get_config(arg)
+  config.method.update(method_overrides)
+  exp = train.Experiment(config)
+  return exp, exp.init_state()
+
+
+def main():
+  runs = {}
+  for label, arg, overrides in METHODS:
+    exp, state = build(arg, overrides)
+    for step in range(2):  # compile + warm-up
+      state, metrics = exp.train_step(state, exp.batch(step), exp.frozen)
     jax.block_until_ready(metrics)
-    if step >= 2:
-      times.append(time.perf_counter() - t0)
-  rows[label] = 1e3 * float(np.median(times))
-base = rows['independent (plain ResNet-8 student)']
-for k, v in rows.items():
-  print(json.dumps({'method': k, 'step_ms_median': round(v, 1), 'relative': round(v / base, 2)}))
+    runs[label] = [exp, state, []]
+  for _ in range(ROUNDS):
+    for label, run in runs.items():
+      exp, state, times = run
+      for step in range(3):
+        batch = exp.batch(step)
+        jax.block_until_ready(batch)
+        t0 = time.perf_counter()
+        state, metrics = exp.train_step(state, batch, exp.frozen)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t0)
+      run[1] = state
+  base = statistics.median(runs[BASE][2])
+  for label, (_, _, times) in runs.items():
+    ms = 1e3 * statistics.median(times)
+    print(json.dumps({'method': label, 'step_ms_median': round(ms, 1),
+                      'relative': round(ms / (1e3 * base), 2), 'steps_timed': len(times)}))
+
+
+if __name__ == '__main__':
+  main()

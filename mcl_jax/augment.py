@@ -61,7 +61,8 @@ def augment_batch(images_uint8: jax.Array, rng: jax.Array, *, mean: Sequence[flo
   padded = jnp.pad(images_uint8, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
 
   def crop_and_flip(image, offset, flipped):
-    window = jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (height, width, channels))
+    window = jax.lax.dynamic_slice(image, (offset[0], offset[1], jnp.zeros_like(offset[0])),
+                                   (height, width, channels))
     return jnp.where(flipped, window[:, ::-1], window)
 
   crops = jax.vmap(crop_and_flip)(padded, offsets, flips)

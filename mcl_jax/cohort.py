@@ -169,7 +169,9 @@ def build_cohort(model_config, cohort_config, num_classes: int, backend: str | N
   archs = list(model_config.get('archs') or [])
   if not archs:
     archs = [model_config.arch] * cohort_config.num_peers
-  dtype = jnp.bfloat16 if model_config.get('dtype', 'float32') == 'bfloat16' else jnp.float32
+  # float64 (with jax_enable_x64) is for exactness tests: tests/sharding_equivalence.py.
+  dtype = {'bfloat16': jnp.bfloat16, 'float64': jnp.float64}.get(
+      model_config.get('dtype', 'float32'), jnp.float32)
   groups: list[PeerGroup] = []
   for arch in archs:
     if groups and groups[-1].arch == arch:

@@ -169,8 +169,11 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
   if c.model.archs:
     check(len(c.model.archs) == c.cohort.num_peers, 'cohort.num_peers', c.cohort.num_peers,
           f'must equal len(model.archs)={len(c.model.archs)} for a heterogeneous cohort')
-  check(c.model.dtype in ('float32', 'bfloat16'), 'model.dtype', c.model.dtype,
-        "must be 'float32' or 'bfloat16'")
+  check(c.model.dtype in ('float32', 'bfloat16', 'float64'), 'model.dtype', c.model.dtype,
+        "must be 'float32' or 'bfloat16' ('float64' with jax_enable_x64, for exactness tests)")
+  if c.model.dtype == 'float64':
+    check(jax.config.jax_enable_x64, 'model.dtype', c.model.dtype,
+          'needs jax.config.update("jax_enable_x64", True) first')
   check(c.optim.schedule in ('cosine', 'multistep', 'constant'), 'optim.schedule',
         c.optim.schedule, "must be 'cosine', 'multistep' or 'constant'")
   check(c.optim.lr > 0, 'optim.lr', c.optim.lr, 'must be > 0')

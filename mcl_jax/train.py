@@ -117,6 +117,11 @@ def schedule_lengths(config, num_train_examples: int) -> tuple[int, int]:
   return steps_per_epoch, total
 
 
+def _float64_state(init, rng):
+  return jax.tree.map(
+      lambda x: x.astype(jnp.float64) if jnp.issubdtype(x.dtype, jnp.floating) else x, init(rng))
+
+
 class Experiment:
   """The pieces of one run, built from a config: data, cohort, method, optimizer, jitted steps."""
 
@@ -139,6 +144,8 @@ class Experiment:
     self._init = functools.partial(step_lib.create_state, self.cohort, self.method, self.tx,
                                    sample_images=sample,
                                    train_labels=self.train_data.labels)
+    if config.model.dtype == 'float64':  # exactness tests: the whole state in float64 too
+      self._init = functools.partial(_float64_state, self._init)
     self.abstract_state = jax.eval_shape(self._init, jax.random.key(0))
     self.state_sharding = sharding.state_sharding(self.mesh, self.abstract_state)
     self.batch_sharding = sharding.batch_sharding(self.mesh)

@@ -4,9 +4,14 @@
 
 For each case "DATAxPEER:K:STRATEGY[:jit]" (":jit": the partitioner splits the peers instead of
 shard_map over 'peer') trains N steps of memory-bank MCL (ResNet-8, 28x28 images, batch 16)
-on that mesh and on 1 device, and writes per case: the largest relative difference of the final
-state (params, BatchNorm statistics, optimizer state, memory bank) and of every metric and eval
-metric to the 1-device run, the number of times the train step was traced, and the placements
+on that mesh and on 1 device, and writes per case the largest relative differences to the
+1-device run of the state (params, BatchNorm statistics, optimizer state, memory bank) and the
+metrics, twice:
+- forced: every step t run on the mesh from the 1-device state t, against the 1-device step t
+  (what sharding itself changes: float32 reassociation only);
+- free: the mesh's own N-step trajectory against the 1-device trajectory (adds the divergence of
+  two float32 trajectories through ReLU kinks, see `with_noise`);
+plus the eval counts, the number of times the train step was traced, and the placements
 (PartitionSpecs) of params, opt state, memory and batch.
 """
 from __future__ import annotations
@@ -21,6 +26,10 @@ import tempfile
 import jax
 
 jax.config.update('jax_num_cpu_devices', 8)
+# float64 (model.dtype and the whole state): the forced single steps are then free of ReLU-kink
+# flips (a pre-activation within float32 round-off of 0), which no float32 comparison can avoid.
+X64 = '--float32' not in sys.argv
+jax.config.update('jax_enable_x64', X64)
 
 import numpy as np  # pylint: disable=g-import-not-at-top
 
@@ -29,7 +38,7 @@ from conftest import tiny_config  # pylint: disable=g-import-not-at-top
 from mcl_jax import checkpoint as ckpt_lib, sharding, step as step_lib, train  # pylint: disable=g-import-not-at-top
 
 # DATAxPEER:K:strategy. K = 2 on a 4-wide peer axis is rejected by config validation (tested).
-CASES = '8x1:2:unroll,4x2:2:unroll,8x1:4:vmap,4x2:4:vmap,2x4:4:vmap'
+CASES = '8x1:2:unroll,4x2:2:unroll,8x1:4:vmap,4x2:4:vmap,2x4:4:vmap,4x2:4:unroll:jit'
 TRACES = {'train_step': 0}
 _make_train_step = step_lib.make_train_step
 
@@ -52,7 +61,8 @@ def mcl_config(num_peers: int, strategy: str, data: int, peer: int, peer_shard_m
       'method.embed_dim': 16, 'cohort.num_peers': num_peers, 'cohort.strategy': strategy,
       'mesh.data': data, 'mesh.peer': peer, 'batch_size': 16, 'data.train_examples': 128,
       'data.eval_examples': 32, 'data.eval_batch_size': 16, 'optim.lr': 0.01,
-      'data.crop_padding': 0})  # zero-padded crops are constant strips: ties again (with_noise)
+      'data.crop_padding': 0,  # zero-padded crops are constant strips: ties again (with_noise)
+      'model.dtype': 'float64' if X64 else 'float32'})
 
 
 def with_noise(dataset):
@@ -68,18 +78,30 @@ def with_noise(dataset):
   return dataclasses.replace(dataset, images=images)
 
 
-def train_steps(config, devices, steps: int):
+def train_steps(config, devices, steps: int, reference_states=None):
+  """Trains `steps` steps. With `reference_states` (the 1-device run's host states 0..steps), also
+  runs every step from the REFERENCE state t (placed in this mesh's shardings) and returns those
+  'forced' results next to the free-running ones."""
   TRACES['train_step'] = 0
   exp = train.Experiment(config, devices=devices)
   exp.train_data = with_noise(exp.train_data)
   state = exp.init_state()
   placements = {'init': sharding.describe(state)}
-  metrics, batch = [], None
+  states, metrics, batch = [jax.device_get(state)], [], None
   for step in range(steps):
     batch = exp.batch(step)
     state, m = exp.train_step(state, batch, exp.frozen)
     metrics.append(m)
+    states.append(jax.device_get(state))
   metrics = [{k: float(v) for k, v in jax.device_get(m).items()} for m in metrics]
+  forced = []
+  for step, ref_state in enumerate(reference_states or []):
+    if step == steps:
+      break
+    placed = jax.device_put(ref_state, exp.state_sharding)
+    new_state, m = exp.train_step(placed, exp.batch(step), exp.frozen)
+    forced.append((jax.device_get(new_state),
+                   {k: float(v) for k, v in jax.device_get(m).items()}))
   evals = exp.evaluate(state)
   placements.update(final=sharding.describe(state), batch=sharding.describe(batch))
   with tempfile.TemporaryDirectory() as workdir:  # Orbax round trip straight into the shardings
@@ -92,8 +114,19 @@ def train_steps(config, devices, steps: int):
       lambda a, b: bool(np.array_equal(a, b)), jax.device_get(restored), jax.device_get(state))))
   expected = {jax.tree_util.keystr(p): str(s.spec) for p, s in
               jax.tree_util.tree_leaves_with_path(exp.state_sharding)}
-  return dict(state=jax.device_get(state), restored_equal=restored_equal, metrics=metrics, eval=evals, traces=TRACES['train_step'],
-              placements=placements, expected=expected, mesh=dict(exp.mesh.shape))
+  return dict(state=states[-1], states=states, forced=forced, restored_equal=restored_equal,
+              metrics=metrics, eval=evals, traces=TRACES['train_step'], placements=placements,
+              expected=expected, mesh=dict(exp.mesh.shape))
+
+
+def state_diffs(state, ref_state) -> dict:
+  return {part: max_rel_diff(getattr(state, part), getattr(ref_state, part))
+          for part in ('params', 'batch_stats', 'opt_state', 'method_state')}
+
+
+def metric_diff(metrics, ref_metrics) -> float:
+  return max(abs(m[k] - r[k]) / (abs(r[k]) + 1e-3)
+             for m, r in zip(metrics, ref_metrics) for k in r)
 
 
 def max_rel_diff(a, b) -> float:
@@ -110,6 +143,7 @@ def main():
   parser.add_argument('out')
   parser.add_argument('--steps', type=int, default=3)
   parser.add_argument('--cases', default=CASES)
+  parser.add_argument('--float32', action='store_true', help='model and state in float32')
   args = parser.parse_args()
   assert jax.device_count() == 8, jax.devices()
   reference, results = {}, []
@@ -121,17 +155,17 @@ def main():
       reference[key] = train_steps(mcl_config(*key, 1, 1), jax.devices()[:1], args.steps)
     ref = reference[key]
     run = train_steps(mcl_config(*key, data, peer, peer_shard_map=program != ['jit']),
-                      jax.devices(), args.steps)
-    state, ref_state = run['state'], ref['state']
+                      jax.devices(), args.steps, reference_states=ref['states'])
+    free = state_diffs(run['state'], ref['state'])
+    # Forced: step t of the mesh from the reference state t vs the reference step t.
+    forced = [state_diffs(new_state, ref['states'][t + 1])
+              for t, (new_state, _) in enumerate(run['forced'])]
     results.append(dict(
-        case=case, mesh=run['mesh'], restored_equal=run['restored_equal'], traces=run['traces'], ref_traces=ref['traces'],
-        params=max_rel_diff(state.params, ref_state.params),
-        batch_stats=max_rel_diff(state.batch_stats, ref_state.batch_stats),
-        opt_state=max_rel_diff(state.opt_state, ref_state.opt_state),
-        method_state=max_rel_diff(state.method_state, ref_state.method_state),
-        step=int(state.step),
-        metrics=max(abs(m[k] - r[k]) / (abs(r[k]) + 1e-3)
-                    for m, r in zip(run['metrics'], ref['metrics']) for k in r),
+        case=case, mesh=run['mesh'], restored_equal=run['restored_equal'], traces=run['traces'],
+        ref_traces=ref['traces'], step=int(run['state'].step),
+        forced={part: max(f[part] for f in forced) for part in free},
+        forced_metrics=metric_diff([m for _, m in run['forced']], ref['metrics']),
+        free=free, free_metrics=metric_diff(run['metrics'], ref['metrics']),
         eval=max(abs(run['eval'][k] - ref['eval'][k]) for k in ref['eval']),
         metric_names=sorted(ref['metrics'][0]),
         placements=run['placements'], expected=run['expected']))

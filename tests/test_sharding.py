@@ -1,15 +1,25 @@
 """Sharded training over the ('data', 'peer') mesh equals 1-device training; placements; launch/.
 
 The mesh tests run ONE subprocess with 8 fake CPU devices (tests/sharding_equivalence.py): memory-
-bank MCL, ResNet-8, batch 16, 3 steps, on meshes (8,1), (4,2), (2,4) with K = 2 and 4, each against
-the 1-device run of the same config.
+bank MCL, ResNet-8, batch 16, 3 steps, on meshes (8,1), (4,2), (2,4) with K = 2 and 4, with the
+peers under shard_map over 'peer' (default) and once left to jit's partitioner (":jit"), each
+against the 1-device run of the same config, in float64 (model compute and the whole state;
+`jax_enable_x64`).
 
-Tolerance: 1e-5 of each leaf's scale (max|a - b| / max|b|) for the state, 1e-5 relative for the
-metrics. Sharding only reorders float32 sums (BatchNorm statistics and gradients become per-shard
-partial sums + all-reduce), so differences are round-off; two 1-device runs that differ only in
-XLA:CPU fusion options measured 1.3e-6 (params) and 2.2e-6 (opt state) after 3 steps at this lr.
-(At lr 0.1 this toy problem is chaotic after step 1: the same two 1-device runs then differ by
-3e-3, which is why the test uses lr 0.01.)
+Tolerance: 1e-5 of each leaf's scale (max|a - b| / max|b|) for params, BatchNorm statistics,
+optimizer state and memory bank, 1e-5 relative for every metric, both for every single step run
+from the 1-device state ("forced") and for the mesh's own 3-step trajectory ("free"). Sharding
+only reorders sums (BatchNorm statistics and gradients become per-shard partial sums +
+all-reduce); what remains is the float32 round-off of the parts that stay float32 (classifier,
+embedding heads): measured 1e-7 .. 4e-7.
+
+Why float64: in float32 a pre-activation within round-off of 0 flips its ReLU gradient; with ~1M
+ReLU activations per step that happens every few steps, and one flip moves a late-stage BatchNorm
+bias gradient by ~1/(B*H*W) ~ 1e-3 of its scale. Measured in float32 (`--float32`): forced single
+steps 1.3e-6 .. 2.6e-6 except one step at 1.1e-3 (params) / 7.5e-3 (opt state); free 3-step
+trajectories up to 3.6e-3 / 1.2e-2 -- the same divergence two 1-device programs that differ only in
+reduction order show (benchmarks/results/sharding.md). The inputs carry fixed noise and no
+zero-padded crops (`with_noise`): exact ties (constant background) flip even in float64.
 """
 import json
 import os
@@ -26,7 +36,8 @@ from mcl_jax import config_lib, optim, sharding
 from conftest import REPO, tiny_config
 
 HELPER = os.path.join(REPO, 'tests', 'sharding_equivalence.py')
-CASES = ('8x1:2:unroll', '4x2:2:unroll', '8x1:4:vmap', '4x2:4:vmap', '2x4:4:vmap')
+CASES = ('8x1:2:unroll', '4x2:2:unroll', '8x1:4:vmap', '4x2:4:vmap', '2x4:4:vmap',
+         '4x2:4:unroll:jit')
 STATE_TOL = 1e-5
 METRIC_TOL = 1e-5
 
@@ -40,30 +51,23 @@ def mesh_runs(tmp_path_factory):
              # agree to 1e-6.)
              XLA_FLAGS='--xla_backend_optimization_level=1')
   proc = subprocess.run([sys.executable, HELPER, out, '--steps', '3', '--cases', ','.join(CASES)],
-                        capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
+                        capture_output=True, text=True, env=env, cwd=REPO, timeout=1800)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
   with open(out) as f:
     return {r['case']: r for r in json.load(f)}
 
 
-# OPEN (benchmarks/results/sharding.md): these cases exceed the bound. 4x2:4:vmap differs by
-# ~6e-2 in params after 3 steps also at the default LLVM level, 2x4:4:vmap by 2e-3 (its metrics,
-# BatchNorm statistics and memory bank agree to 5e-7); 8x1:2:unroll by 3.4e-5 in opt state at -O1.
-# Kept as non-strict xfails so the numbers stay visible until the cause is found.
-_OPEN = pytest.mark.xfail(strict=False, reason='sharded != 1-device beyond 1e-5; under study')
-EQUIVALENCE_CASES = [pytest.param(c, marks=_OPEN) if c in ('8x1:2:unroll', '4x2:4:vmap',
-                                                           '2x4:4:vmap') else c for c in CASES]
-
-
-@pytest.mark.parametrize('case', EQUIVALENCE_CASES)
+@pytest.mark.parametrize('case', CASES)
 def test_sharded_training_equals_one_device(mesh_runs, case):
   r = mesh_runs[case]
   data, peer = map(int, case.split(':')[0].split('x'))
   assert r['mesh'] == {'data': data, 'peer': peer}
   assert r['step'] == 3
   for part in ('params', 'batch_stats', 'opt_state', 'method_state'):  # method_state: memory bank
-    assert r[part] < STATE_TOL, (part, r[part])
-  assert r['metrics'] < METRIC_TOL
+    assert r['forced'][part] < STATE_TOL, ('forced', part, r['forced'][part])
+    assert r['free'][part] < STATE_TOL, ('free', part, r['free'][part])
+  assert r['forced_metrics'] < METRIC_TOL
+  assert r['free_metrics'] < METRIC_TOL
   assert r['eval'] < 1e-9  # accuracy counts are exact
   assert {'ce', 'vcl', 'icl', 'soft_vcl', 'soft_icl', 'loss', 'lr'} <= set(r['metric_names'])
 
