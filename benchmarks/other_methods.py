@@ -11,13 +11,11 @@ Prints one JSON line per method: median step ms and the ratio to the plain stude
 import json
 import statistics
 import sys
-import time
-
-import jax
 
 sys.path.insert(0, 'configs')
 import fashion_mnist_kd  # pylint: disable=g-import-not-at-top
 from mcl_jax import train  # pylint: disable=g-import-not-at-top
+from timing import time_round_robin, warm_up  # pylint: disable=g-import-not-at-top
 
 TEACHER = sys.argv[1]  # a fashion_mnist_kd.py:role=teacher workdir (resnet20)
 ROUNDS = int(sys.argv[2]) if len(sys.argv) > 2 else 4
@@ -45,26 +43,13 @@ def main():
   runs = {}
   for label, arg, overrides in METHODS:
     exp, state = build(arg, overrides)
-    for step in range(2):  # compile + warm-up
-      state, metrics = exp.train_step(state, exp.batch(step), exp.frozen)
-    jax.block_until_ready(metrics)
-    runs[label] = [exp, state, []]
-  for _ in range(ROUNDS):
-    for label, run in runs.items():
-      exp, state, times = run
-      for step in range(3):
-        batch = exp.batch(step)
-        jax.block_until_ready(batch)
-        t0 = time.perf_counter()
-        state, metrics = exp.train_step(state, batch, exp.frozen)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - t0)
-      run[1] = state
-  base = statistics.median(runs[BASE][2])
-  for label, (_, _, times) in runs.items():
-    ms = 1e3 * statistics.median(times)
+    runs[label] = (exp, warm_up(exp, state)[0])
+  times = time_round_robin(runs, ROUNDS)
+  base = statistics.median(times[BASE])
+  for label, seconds in times.items():
+    ms = 1e3 * statistics.median(seconds)
     print(json.dumps({'method': label, 'step_ms_median': round(ms, 1),
-                      'relative': round(ms / (1e3 * base), 2), 'steps_timed': len(times)}))
+                      'relative': round(ms / (1e3 * base), 2), 'steps_timed': len(seconds)}))
 
 
 if __name__ == '__main__':

@@ -15,7 +15,6 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import jax
 
@@ -24,6 +23,7 @@ jax.config.update('jax_num_cpu_devices', 8)
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'tests'))
 from conftest import tiny_config  # pylint: disable=g-import-not-at-top
 from mcl_jax import train  # pylint: disable=g-import-not-at-top
+from timing import time_round_robin, warm_up  # pylint: disable=g-import-not-at-top
 
 ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 4
 
@@ -43,32 +43,18 @@ def main():
       for shard_map in (True, False):
         label = f"{data}x{peer} {strategy} {'shard_map' if shard_map else 'partitioner'}"
         variants[label] = (config(data, peer, strategy, shard_map), jax.devices())
-  runs = {}
+  runs, compile_s = {}, {}
   for label, (cfg, devices) in variants.items():
     exp = train.Experiment(cfg, devices=devices)
-    state = exp.init_state()
-    t0 = time.perf_counter()
-    for step in range(2):
-      state, metrics = exp.train_step(state, exp.batch(step), exp.frozen)
-    jax.block_until_ready(metrics)
-    runs[label] = [exp, state, [], time.perf_counter() - t0]
-  for _ in range(ROUNDS):
-    for run in runs.values():
-      exp, state, times, _ = run
-      for step in range(3):
-        batch = exp.batch(step)
-        jax.block_until_ready(batch)
-        t0 = time.perf_counter()
-        state, metrics = exp.train_step(state, batch, exp.frozen)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - t0)
-      run[1] = state
-  base = statistics.median(runs['1 device, unroll'][2])
-  for label, (_, _, times, compile_s) in runs.items():
-    ms = 1e3 * statistics.median(times)
+    state, compile_s[label] = warm_up(exp, exp.init_state())
+    runs[label] = (exp, state)
+  times = time_round_robin(runs, ROUNDS)
+  base = statistics.median(times['1 device, unroll'])
+  for label, seconds in times.items():
+    ms = 1e3 * statistics.median(seconds)
     print(json.dumps({'variant': label, 'step_ms_median': round(ms, 1),
                       'relative_to_1_device': round(ms / (1e3 * base), 2),
-                      'compile_and_2_steps_s': round(compile_s, 1)}))
+                      'compile_and_2_steps_s': round(compile_s[label], 1)}))
 
 
 if __name__ == '__main__':

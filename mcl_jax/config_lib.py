@@ -30,6 +30,9 @@ METHOD_DEFAULTS = dict(
     meta_every_steps=50,
     meta_inner_steps=2,
     meta_grad='exact',
+    # L-MCL: the virtual steps as straight-line code (fast on XLA:CPU) or a rolled lax.scan whose
+    # per-step jax.checkpoint halves the hyper-gradient's memory (BENCHMARKS.md §2).
+    meta_unroll=True,
     meta_weight_decay=5e-4,  # L-MCL: wd of the virtual steps and of phi's SGD (= optim.weight_decay)
     branch_blocks=0,    # L-MCL: blocks per stage of the auxiliary branches (0: as the backbone)
     distill_fraction=1.0,  # CRCD: distillation terms on for this fraction of the steps, then CE only

@@ -44,12 +44,14 @@ def virtual_sgd_step(theta, velocity, grad, *, lr, weight_decay, momentum):
 
 def unrolled_outer_loss(phi, theta0, inner_loss: InnerLoss, outer_loss: OuterLoss, *, lr,
                         weight_decay: float, momentum: float, inner_steps: int,
-                        remat: bool = True):
+                        remat: bool = True, unroll: bool = True):
   """outer_loss(theta_{inner_steps+1}(phi)): the hyper-objective, differentiable in phi.
 
-  The inner steps are a `lax.scan` with `unroll=True`: straight-line code. As a loop (XLA
-  while) the 2-step trajectory ran ~15x slower on XLA:CPU (10.5 s vs 0.72 s, ResNet-8 x 2, batch
-  32; the hyper-gradient 26 s vs 4.3 s; BENCHMARKS.md) and compiled slower too.
+  unroll: the inner steps as a `lax.scan` with `unroll=True`, i.e. straight-line code. As a
+  rolled loop (XLA while) the 2-step trajectory ran ~15x slower on XLA:CPU (10.5 s vs 0.72 s,
+  ResNet-8 x 2, batch 32; the hyper-gradient 26 s vs 4.3 s) and compiled slower; but only the
+  rolled loop keeps `remat` effective: unrolled, XLA schedules the straight-line program itself
+  and the temporary memory is the same with or without remat (BENCHMARKS.md §2).
   remat: wrap every virtual step in `jax.checkpoint`, so differentiating this keeps only the
   step boundaries (theta_n, v_n) alive, not every step's activations and inner gradients.
   """
@@ -67,14 +69,14 @@ def unrolled_outer_loss(phi, theta0, inner_loss: InnerLoss, outer_loss: OuterLos
                             weight_decay=weight_decay, momentum=momentum)
 
   carry = (theta0, jax.tree.map(jnp.zeros_like, theta0))
-  (theta, velocity), _ = jax.lax.scan(inner_step, carry, None, length=inner_steps, unroll=True)
+  (theta, velocity), _ = jax.lax.scan(inner_step, carry, None, length=inner_steps, unroll=unroll)
   theta, _ = outer_step(theta, velocity)
   return outer_loss(theta)
 
 
 def hypergradient(phi, theta0, inner_loss: InnerLoss, outer_loss: OuterLoss, *, lr,
                   weight_decay: float, momentum: float, inner_steps: int, mode: str = 'exact',
-                  remat: bool = True):
+                  remat: bool = True, unroll: bool = True):
   """G_phi = d outer_loss(theta_{inner_steps+1}) / d phi, a pytree like phi.
 
   mode 'exact': nested `jax.grad` of `unrolled_outer_loss` (second order through every step).
@@ -88,7 +90,7 @@ def hypergradient(phi, theta0, inner_loss: InnerLoss, outer_loss: OuterLoss, *, 
   if mode == 'exact':
     return jax.grad(unrolled_outer_loss)(phi, theta0, inner_loss, outer_loss, lr=lr,
                                          weight_decay=weight_decay, momentum=momentum,
-                                         inner_steps=inner_steps, remat=remat)
+                                         inner_steps=inner_steps, remat=remat, unroll=unroll)
   if mode == 'official':
     return _adjoint_hypergradient(phi, theta0, inner_loss, outer_loss, lr=lr,
                                   weight_decay=weight_decay, momentum=momentum,

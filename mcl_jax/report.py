@@ -39,9 +39,16 @@ def run_summary(workdir: str) -> dict:
 def describe(config: dict) -> str:
   archs = config['model']['archs'] or [config['model']['arch']] * config['cohort']['num_peers']
   cohort = (f'{archs[0]}×{len(archs)}' if len(set(archs)) == 1 else ' + '.join(archs))
-  method = config['method']['name']
-  if method == 'mcl' and config['method'].get('logit_kd'):
+  m = config['method']
+  method = m['name']
+  if method == 'mcl' and m.get('logit_kd'):
     method += '+kd'
+  if method == 'mcl_okd' and m.get('alpha') == 0 and m.get('beta') == 0:
+    method += ' (CE only: branches alone)'
+  if method in ('kd', 'ckd', 'crcd'):  # teacher -> student
+    method += f" from {config['teacher']['arch']}"
+  if method.startswith('crcd'):
+    method += f" (K = {m['num_negatives']})"
   return f"{config['data']['name']} · {method} · {cohort}"
 
 

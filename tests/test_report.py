@@ -36,3 +36,16 @@ def test_table_groups_seeds_and_reports_best_and_final(tmp_path):
   assert cells[6] == '92.00 ± 1.41'          # best ensemble: 0.91, 0.93
   dml = next(l for l in lines if '· dml ·' in l)
   assert '| 85.00 |' in dml
+
+
+def test_group_names_separate_variants():
+  c = config_lib.base_config()
+  c.model.arch, c.cohort.num_peers = 'resnet8', 1
+  c.method.name, c.teacher.arch, c.method.num_negatives = 'crcd', 'resnet20', 64
+  assert report.describe(c.to_dict()) == 'fashion_mnist · crcd from resnet20 (K = 64) · resnet8×1'
+  c.method.name = 'kd'
+  assert report.describe(c.to_dict()) == 'fashion_mnist · kd from resnet20 · resnet8×1'
+  c.method.name, c.model.arch = 'mcl_okd', 'resnet8_okd2'
+  okd = report.describe(c.to_dict())
+  c.method.alpha = c.method.beta = 0.0
+  assert report.describe(c.to_dict()) == okd.replace('mcl_okd', 'mcl_okd (CE only: branches alone)')
