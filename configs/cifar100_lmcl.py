@@ -16,20 +16,23 @@ K = 2 peers, S = 3 stages, tau 0.1, T 3, alpha = beta = 0.1, gamma = lam = 1, me
 steps with 2 inner steps; SGD-Nesterov 0.1, wd 5e-4, batch 128 (64 classes x 2), 300 epochs,
 per-epoch cosine.
 
-Expected best-peer top-1 (the paper's README; ShuffleNetV2 / HCGNet rows need models not yet in
-mcl_jax.models):
+Expected best-peer top-1 (the paper's README; the HCGNet rows need models not in mcl_jax.models):
 | arch(, arch2)         | baseline        | L-MCL           |
 | resnet32              | 70.91           | 75.82           |
 | resnet56              | 73.15           | 77.51           |
 | resnet110             | 75.29           | 79.48           |
 | wrn_16_2              | 72.55           | 77.31           |
 | wrn_40_2              | 76.89           | 80.96           |
+| shufflenetv2_0_5      | 67.39           | 72.61           |
+| shufflenetv2_1_0      | 70.93           | 77.25           |
 | resnet32, resnet110   | 70.91 & 75.29   | 75.82 & 79.71   |
 | resnet56, resnet110   | 73.15 & 75.29   | 77.04 & 79.56   |
 | wrn_16_2, wrn_40_2    | 72.55 & 76.89   | 76.88 & 80.24   |
 | wrn_40_2, wrn_28_4    | 76.89 & 79.17   | 80.42 & 82.61   |
 | resnet56, wrn_40_2    | 73.15 & 76.89   | 77.54 & 80.72   |
 | resnet110, wrn_28_4   | 75.29 & 79.17   | 80.02 & 82.84   |
+| shufflenetv2_1_0, resnet110 | 70.93 & 75.29 | 76.85 & 79.17 |
+| shufflenetv2_1_0, wrn_40_2  | 70.93 & 76.89 | 77.06 & 80.29 |
 Not yet reproduced here (no CIFAR-100 on this machine).
 """
 from mcl_jax import config_lib

@@ -15,8 +15,9 @@ stage of peer k queries M_k, which is updated with the final-stage embeddings. M
 128 fp32 = 1.3 GB, split P('peer', 'data') over the mesh.
 
 Expected top-1 (the paper's README, memory-bank variant): ResNet-34 73.68 -> 75.12;
-ResNet-50 76.28 -> 78.35; ResNet-18 & ResNet-50 69.95 & 76.28 -> 71.69 & 77.34 (ShuffleNetV2 rows
-need a model not yet in mcl_jax.models). Not reproduced here (no ImageNet on this machine).
+ResNet-50 76.28 -> 78.35; ResNet-18 & ResNet-50 69.95 & 76.28 -> 71.69 & 77.34 (the ShuffleNetV2
+rows need the ImageNet ShuffleNetV2, not in mcl_jax.models: its CIFAR variant is). Not reproduced
+here (no ImageNet on this machine).
 """
 from mcl_jax import config_lib
 

@@ -265,12 +265,16 @@ def test_unit_weights_recover_plain_pair_terms():
   np.testing.assert_allclose(got, 2 * np.asarray(plain), rtol=1e-5)
 
 
-def test_lmcl_rejects_single_peer():
+def test_lmcl_rejects_single_peer_and_multi_branch_models():
   config = config_lib.base_config()
   config.model.arch = 'resnet8'
   config.method.name, config.cohort.num_peers = 'lmcl', 1
   cohort = cohort_lib.build_cohort(config.model, config.cohort, num_classes=4)
   with pytest.raises(ValueError, match='>= 2 peers'):
+    methods.get_method(config.method).init(jax.random.key(0), cohort, np.zeros(4, np.int32))
+  config.model.arch, config.cohort.num_peers = 'resnet8_okd2', 2
+  cohort = cohort_lib.build_cohort(config.model, config.cohort, num_classes=4)
+  with pytest.raises(ValueError, match='single-branch'):
     methods.get_method(config.method).init(jax.random.key(0), cohort, np.zeros(4, np.int32))
 
 

@@ -102,6 +102,10 @@ class LMCL(Method):
   def init(self, rng, cohort, train_labels):
     if cohort.num_peers < 2:
       raise ValueError(f'method.name=lmcl needs >= 2 peers, got cohort.num_peers={cohort.num_peers}.')
+    multi_branch = [g.arch for g in cohort.groups if getattr(g.model, 'num_branches', 1) > 1]
+    if multi_branch:
+      raise ValueError(f'method.name=lmcl needs single-branch peers; {multi_branch} are MCL-OKD '
+                       'multi-branch models: use e.g. model.arch=resnet32.')
     num_stages = {g.model.num_stages for g in cohort.groups}
     if len(num_stages) != 1:
       raise ValueError(f'method.name=lmcl needs peers with the same number of stages; the archs '
