@@ -368,3 +368,18 @@ def test_smoke_memory_bank_run_with_meta_step(tmp_path):
                          initial.method_state[name])
     assert all(np.isfinite(m) and m > 0 for m in jax.tree.leaves(moved)), name
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.method_state))
+
+
+@pytest.mark.parametrize('arch', ['resnet32', 'wrn_16_2', 'shufflenetv2_1_0', 'vgg8',
+                                  'mobilenetv2', 'resnet18'])
+def test_lmcl_builds_branches_for_every_model_family(arch):
+  """Abstract init (no compute): auxiliary branches, heads, aggregators and phi for K = 2."""
+  config = config_lib.base_config()
+  config.model.arch, config.cohort.num_peers, config.method.name = arch, 2, 'lmcl'
+  cohort = cohort_lib.build_cohort(config.model, config.cohort, num_classes=10)
+  params, state = jax.eval_shape(
+      lambda k: methods.get_method(config.method).init(k, cohort, np.zeros(10, np.int32)),
+      jax.random.key(0))
+  num_stages = cohort.groups[0].model.num_stages
+  assert len(params['branches'][0]) == num_stages - 1
+  assert jax.tree.leaves(state['phi'])[0].shape[:2] == (2, num_stages)
