@@ -33,8 +33,7 @@ def get_config(arg=None):
   teacher_arch, student_arch, batch, lr, w_cl, tau = PAIRS[args['pair']]
   c = config_lib.base_config()
   c.seed = args['seed']
-  c.data.name = 'cifar100'
-  c.data.eval_batch_size = 500
+  config_lib.set_cifar100(c)
   c.model.arch = student_arch
   c.cohort.num_peers = 1
   c.teacher.arch, c.teacher.checkpoint = teacher_arch, args['teacher']
@@ -43,16 +42,7 @@ def get_config(arg=None):
     c.method.gamma, c.method.alpha, c.method.kd_T = 0.1, 0.9, 4.0
   else:
     c.method.gamma, c.method.beta, c.method.tau = 1.0, w_cl, tau
-  c.batch_size = batch
-  c.total_epochs = 480.0
-  c.optim.lr = lr
-  c.optim.momentum = 0.9
-  c.optim.nesterov = False
-  c.optim.weight_decay = 5e-4
-  c.optim.schedule = 'cosine'
-  c.optim.per_epoch = True  # CosineAnnealingLR stepped once per epoch
-  c.log_every_steps = 100
-  c.ckpt_every_steps = 2000
-  if args['smoke']:
-    config_lib.apply_smoke(c)
-  return c
+  # CosineAnnealingLR stepped once per epoch.
+  config_lib.set_sgd(c, batch_size=batch, epochs=480, lr=lr, weight_decay=5e-4, nesterov=False,
+                     schedule='cosine')
+  return config_lib.finish(c, args['smoke'])

@@ -33,8 +33,7 @@ def get_config(arg=None):
   teacher_arch, student_arch, lr = PAIRS[args['pair']]
   c = config_lib.base_config()
   c.seed = args['seed']
-  c.data.name = 'cifar100'
-  c.data.eval_batch_size = 500
+  config_lib.set_cifar100(c)
   c.model.arch = student_arch
   c.cohort.num_peers = 1
   c.teacher.arch, c.teacher.checkpoint = teacher_arch, args['teacher']
@@ -43,16 +42,6 @@ def get_config(arg=None):
   m.gamma, m.alpha, m.beta, m.lam, m.kd_T = 1.0, 0.9, 1.0, 1.0, 4.0
   m.tau, m.num_negatives, m.memory_momentum, m.embed_dim = 0.05, 500, 0.5, 128
   m.distill_fraction = 24 / 25  # the last 10 of 250 epochs: CE only
-  c.batch_size = 64
-  c.total_epochs = 250.0
-  c.optim.lr = lr
-  c.optim.momentum = 0.9
-  c.optim.nesterov = False
-  c.optim.weight_decay = 5e-4
-  c.optim.schedule = 'multistep'
-  c.optim.milestones = (150, 180, 210)
-  c.log_every_steps = 100
-  c.ckpt_every_steps = 2000
-  if args['smoke']:
-    config_lib.apply_smoke(c)
-  return c
+  config_lib.set_sgd(c, batch_size=64, epochs=250, lr=lr, weight_decay=5e-4, nesterov=False,
+                     schedule='multistep', milestones=(150, 180, 210))
+  return config_lib.finish(c, args['smoke'])

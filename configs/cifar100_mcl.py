@@ -32,28 +32,13 @@ def get_config(arg=None):
                               baseline=False, seed=0, smoke=False)
   c = config_lib.base_config()
   c.seed = args['seed']
-  c.data.name = 'cifar100'
-  c.data.crop_padding = 4
-  c.data.flip = True
-  c.data.eval_batch_size = 500
+  config_lib.set_cifar100(c)
   c.model.arch = args['arch']
   c.cohort.num_peers = 1 if args['baseline'] else args['peers']
   c.method.name = 'independent' if args['baseline'] else args['method']
   c.method.logit_kd = args['logit_kd']
-  c.method.tau = 0.1
-  c.method.kd_T = 3.0
-  c.method.alpha, c.method.gamma, c.method.beta, c.method.lam = 0.1, 1.0, 0.1, 1.0
-  c.batch_size = 128
-  c.total_epochs = 300.0
-  c.optim.lr = 0.1
-  c.optim.momentum = 0.9
-  c.optim.nesterov = True
-  c.optim.weight_decay = 5e-4
-  c.optim.schedule = 'cosine'
-  c.optim.per_epoch = True  # the authors' code steps the cosine once per epoch (mcl.md §6.7)
-  c.log_every_steps = 100
-  c.ckpt_every_steps = 2000
-  c.eval_every_steps = -1
-  if args['smoke']:
-    config_lib.apply_smoke(c)
-  return c
+  config_lib.set_mcl_weights(c.method, tau=0.1)
+  # The authors' code steps the cosine once per epoch (mcl.md §6.7).
+  config_lib.set_sgd(c, batch_size=128, epochs=300, lr=0.1, weight_decay=5e-4, nesterov=True,
+                     schedule='cosine')
+  return config_lib.finish(c, args['smoke'])

@@ -22,24 +22,13 @@ def get_config(arg=None):
   args = config_lib.parse_arg(arg, arch='resnet32', branches=4, seed=0, smoke=False)
   c = config_lib.base_config()
   c.seed = args['seed']
-  c.data.name = 'cifar100'
-  c.data.eval_batch_size = 500
+  config_lib.set_cifar100(c)
   c.model.arch = f"{args['arch']}_okd{args['branches']}"
   c.cohort.num_peers = 1  # one multi-branch network; its branches are the peers
   m = c.method
   m.name = 'mcl_okd'
   m.gamma, m.alpha, m.beta, m.kd_T = 1.0, 1.0, 0.025, 3.0
   m.tau, m.num_negatives, m.memory_momentum, m.embed_dim = 0.1, 256, 0.5, 128
-  c.batch_size = 64
-  c.total_epochs = 300.0
-  c.optim.lr = 0.05
-  c.optim.momentum = 0.9
-  c.optim.nesterov = True
-  c.optim.weight_decay = 5e-4
-  c.optim.schedule = 'cosine'
-  c.optim.per_epoch = True
-  c.log_every_steps = 100
-  c.ckpt_every_steps = 2000
-  if args['smoke']:
-    config_lib.apply_smoke(c)
-  return c
+  config_lib.set_sgd(c, batch_size=64, epochs=300, lr=0.05, weight_decay=5e-4, nesterov=True,
+                     schedule='cosine')
+  return config_lib.finish(c, args['smoke'])

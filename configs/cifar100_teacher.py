@@ -16,21 +16,10 @@ def get_config(arg=None):
   args = config_lib.parse_arg(arg, arch='resnet32x4', seed=0, smoke=False)
   c = config_lib.base_config()
   c.seed = args['seed']
-  c.data.name = 'cifar100'
-  c.data.eval_batch_size = 500
+  config_lib.set_cifar100(c)
   c.model.arch = args['arch']
   c.cohort.num_peers = 1
   c.method.name = 'independent'
-  c.batch_size = 64
-  c.total_epochs = 240.0
-  c.optim.lr = 0.05
-  c.optim.momentum = 0.9
-  c.optim.nesterov = False
-  c.optim.weight_decay = 5e-4
-  c.optim.schedule = 'multistep'
-  c.optim.milestones = (150, 180, 210)
-  c.log_every_steps = 100
-  c.ckpt_every_steps = 2000
-  if args['smoke']:
-    config_lib.apply_smoke(c)
-  return c
+  config_lib.set_sgd(c, batch_size=64, epochs=240, lr=0.05, weight_decay=5e-4, nesterov=False,
+                     schedule='multistep', milestones=(150, 180, 210))
+  return config_lib.finish(c, args['smoke'])

@@ -37,14 +37,9 @@ def get_config(arg=None):
   c.seed = args['seed']
   c.data.name = 'fashion_mnist'
   c.data.crop_padding = 2
-  c.total_epochs = args['epochs']
-  c.batch_size = 128
-  c.optim.lr = 0.1
-  c.optim.weight_decay = 5e-4
-  c.optim.schedule = 'cosine'
-  c.optim.per_epoch = False
-  c.log_every_steps = 50
-  c.ckpt_every_steps = 500
+  config_lib.set_sgd(c, batch_size=128, epochs=args['epochs'], lr=0.1, weight_decay=5e-4,
+                     nesterov=True, schedule='cosine', per_epoch=False)
+  c.log_every_steps, c.ckpt_every_steps = 50, 500
   c.cohort.num_peers = 1
   method = 'independent' if args['role'] == 'teacher' else args['method']
   c.method.name = method
@@ -67,6 +62,4 @@ def get_config(arg=None):
     c.model.arch = f"{args['arch']}_okd{args['branches']}"
     m.gamma, m.alpha, m.beta, m.kd_T = 1.0, 1.0, 0.025, 3.0
     m.tau, m.num_negatives, m.memory_momentum, m.embed_dim = 0.1, 256, 0.5, 128
-  if args['smoke']:
-    config_lib.apply_smoke(c)
-  return c
+  return config_lib.finish(c, args['smoke'])

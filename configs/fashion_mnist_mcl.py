@@ -19,15 +19,8 @@ def get_config(arg=None):
   c.model.arch = args['arch']
   c.cohort.num_peers = args['peers']
   c.method.name = args['method']
-  c.total_epochs = args['epochs']
-  c.batch_size = 128
-  c.optim.lr = 0.1
-  c.optim.weight_decay = 5e-4
-  c.optim.schedule = 'cosine'
-  c.optim.per_epoch = False
-  c.log_every_steps = 50
-  c.ckpt_every_steps = 500
+  config_lib.set_sgd(c, batch_size=128, epochs=args['epochs'], lr=0.1, weight_decay=5e-4,
+                     nesterov=True, schedule='cosine', per_epoch=False)
+  c.log_every_steps, c.ckpt_every_steps = 50, 500
   c.eval_every_steps = -1
-  if args['smoke']:
-    config_lib.apply_smoke(c)
-  return c
+  return config_lib.finish(c, args['smoke'])

@@ -37,26 +37,14 @@ def get_config(arg=None):
   c.cohort.num_peers = 2
   c.method.name = 'lmcl'
   c.method.branch_blocks = 1
-  c.method.tau = 0.07
-  c.method.kd_T = 3.0
-  c.method.alpha, c.method.gamma, c.method.beta, c.method.lam = 0.01, 1.0, 0.01, 1.0
+  config_lib.set_mcl_weights(c.method, tau=0.07, alpha=0.01, beta=0.01)
   c.method.meta_every_steps = 500
   c.method.meta_inner_steps = 2
   c.method.meta_grad = args['meta_grad']
   c.method.memory_bank = True
   c.method.num_positives, c.method.num_negatives, c.method.memory_momentum = 1, 8192, 0.5
-  c.batch_size = 256
-  c.total_epochs = 100.0
-  c.optim.lr = 0.1
-  c.optim.nesterov = True
-  c.optim.weight_decay = 1e-4
+  config_lib.set_sgd(c, batch_size=256, epochs=100, lr=0.1, weight_decay=1e-4, nesterov=True,
+                     schedule='multistep', milestones=(30, 60, 90))
   c.method.meta_weight_decay = c.optim.weight_decay
-  c.optim.schedule = 'multistep'
-  c.optim.milestones = (30, 60, 90)
-  c.optim.decay_factor = 0.1
-  c.log_every_steps = 100
-  c.ckpt_every_steps = 2000
-  c.eval_every_steps = 5000
-  if args['smoke']:
-    config_lib.apply_smoke(c)
-  return c
+  c.log_every_steps, c.ckpt_every_steps, c.eval_every_steps = 100, 2000, 5000
+  return config_lib.finish(c, args['smoke'])

@@ -32,20 +32,8 @@ def get_config(arg=None):
   c.method.num_negatives = 8192
   c.method.memory_momentum = 0.5
   c.method.logit_kd = args['logit_kd']
-  c.method.tau = 0.07
-  c.method.kd_T = 3.0
-  c.method.alpha, c.method.gamma, c.method.beta, c.method.lam = 0.1, 1.0, 0.1, 1.0
-  c.batch_size = 256
-  c.total_epochs = 90.0
-  c.optim.lr = 0.1
-  c.optim.nesterov = True
-  c.optim.weight_decay = 1e-4
-  c.optim.schedule = 'multistep'
-  c.optim.milestones = (30, 60)
-  c.optim.decay_factor = 0.1
-  c.log_every_steps = 100
-  c.ckpt_every_steps = 2000
-  c.eval_every_steps = 5000
-  if args['smoke']:
-    config_lib.apply_smoke(c)
-  return c
+  config_lib.set_mcl_weights(c.method, tau=0.07)
+  config_lib.set_sgd(c, batch_size=256, epochs=90, lr=0.1, weight_decay=1e-4, nesterov=True,
+                     schedule='multistep', milestones=(30, 60))
+  c.log_every_steps, c.ckpt_every_steps, c.eval_every_steps = 100, 2000, 5000
+  return config_lib.finish(c, args['smoke'])

@@ -100,6 +100,41 @@ def parse_arg(arg: str | None, **defaults) -> dict:
   return out
 
 
+# ---- Building blocks of the shipped recipes (configs/*.py) ------------------------------------ #
+def set_sgd(c: ml_collections.ConfigDict, *, batch_size: int, epochs: float, lr: float,
+            weight_decay: float, nesterov: bool, schedule: str, per_epoch: bool = True,
+            milestones=()) -> None:
+  """Batch, duration and SGD (momentum 0.9): `schedule` 'cosine' (stepped per epoch, as the
+  authors' code, or per step) or 'multistep' (x0.1 at the `milestones` epochs)."""
+  c.batch_size, c.total_epochs = batch_size, float(epochs)
+  o = c.optim
+  o.lr, o.momentum, o.nesterov, o.weight_decay, o.schedule = lr, 0.9, nesterov, weight_decay, schedule
+  if schedule == 'cosine':
+    o.per_epoch = per_epoch
+  else:
+    o.milestones, o.decay_factor = tuple(milestones), 0.1
+
+
+def set_mcl_weights(method: ml_collections.ConfigDict, *, tau: float, kd_T: float = 3.0,
+                    alpha: float = 0.1, gamma: float = 1.0, beta: float = 0.1,
+                    lam: float = 1.0) -> None:
+  """MCL's contrastive temperature and loss weights (mcl.md §4): VCL alpha, SoftVCL gamma, ICL
+  beta, SoftICL lam, KL temperature kd_T."""
+  method.tau, method.kd_T = tau, kd_T
+  method.alpha, method.gamma, method.beta, method.lam = alpha, gamma, beta, lam
+
+
+def set_cifar100(c: ml_collections.ConfigDict) -> None:
+  """CIFAR-100 from tfds (data.md), the long-run logging of the CIFAR recipes."""
+  c.data.name, c.data.eval_batch_size = 'cifar100', 500
+  c.log_every_steps, c.ckpt_every_steps = 100, 2000
+
+
+def finish(c: ml_collections.ConfigDict, smoke: bool) -> ml_collections.ConfigDict:
+  """The config as returned by `get_config`: shrunk by `apply_smoke` when asked."""
+  return apply_smoke(c) if smoke else c
+
+
 def apply_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Shrinks a config to about a minute on a 2-core CPU through the same code path: few steps,
   few images, small eval; never changes the data source, the models or the method."""
