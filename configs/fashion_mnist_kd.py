@@ -54,7 +54,7 @@ def get_config(arg=None):
     m.gamma, m.beta, m.tau = 1.0, 10.0, 1.0
   elif method == 'crcd':      # CRCD's CIFAR protocol (specs/other-methods.md §3.4) but K = 64:
     # the relations cost O(B^2 (K+1) F) per side and element; at batch 128 with the protocol's
-    # K = 500 that is ~10x a ResNet-8 step on CPU (BENCHMARKS.md §3), K = 64 about 1/8 of it.
+    # K = 500 the step costs 10.1x the student alone on CPU, with K = 64 2.7x (BENCHMARKS.md §3).
     m.gamma, m.alpha, m.beta, m.lam, m.kd_T = 1.0, 0.9, 1.0, 1.0, 4.0
     m.tau, m.num_negatives, m.memory_momentum, m.embed_dim = 0.05, 64, 0.5, 128
     m.distill_fraction = 24 / 25

@@ -16,9 +16,9 @@ On a mesh with a `peer` axis (`Cohort.mesh`), a group whose K_g the axis divides
 `jax.shard_map` over `peer` (manual) with `data` left to the partitioner: each device applies only
 its K_g / peer local peers with the strategy above and the outputs come back stacked
 `P('peer', ...)`; the losses (cross-peer terms included) are computed outside by the partitioner.
-Letting jit partition the stacked update by itself gave a wrong gradient for the last peer on a
-(4, 2) mesh with K = 4 on XLA:CPU (benchmarks/results/sharding.md); the explicit per-device program
-is also what one wants on accelerators: no partitioner guesswork on the peer axis.
+Both this and leaving the stacked cohort to jit's partitioner (`mesh.peer_shard_map=False`) match
+the 1-device run (tests/test_sharding.py); on 8 fake CPU devices the shard_map program was
+1.5-6.1x faster (BENCHMARKS.md §4), so it is the default.
 """
 from __future__ import annotations
 

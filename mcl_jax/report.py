@@ -47,7 +47,7 @@ def describe(config: dict) -> str:
     method += ' (CE only: branches alone)'
   if method in ('kd', 'ckd', 'crcd'):  # teacher -> student
     method += f" from {config['teacher']['arch']}"
-  if method.startswith('crcd'):
+  if m['name'] == 'crcd':
     method += f" (K = {m['num_negatives']})"
   return f"{config['data']['name']} · {method} · {cohort}"
 
