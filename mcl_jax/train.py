@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 
@@ -406,7 +407,8 @@ def _check_workdir_writable(workdir: str) -> None:
   """Fails before any compilation if the workdir cannot hold metrics and checkpoints."""
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, '.write_probe')
+    # Per-process name: the processes of a multi-host run share the workdir and probe at once.
+    probe = os.path.join(workdir, f'.write_probe.{socket.gethostname()}.{os.getpid()}')
     with open(probe, 'w') as f:
       f.write('ok')
     os.remove(probe)
