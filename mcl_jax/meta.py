@@ -12,6 +12,8 @@ are scalar functions. The trajectory is
 
 (SGD with heavy-ball momentum and coupled weight decay, a fresh momentum buffer per round, every
 leaf moved in every step: leaves an objective does not touch move by weight decay and momentum).
+`weight_decay` is a scalar for every leaf, or a pytree like theta giving each leaf its own (0 for
+the leaves the real optimizer's `optim.wd_mask` spares, so the virtual steps mirror it).
 """
 from __future__ import annotations
 
@@ -32,18 +34,25 @@ def _axpy(a, x, y):
   return jax.tree.map(lambda xi, yi: a * xi + yi, x, y)
 
 
+def per_leaf(value, tree):
+  """`value` as a pytree like `tree`: a scalar is repeated for every leaf, a pytree kept."""
+  if jax.tree_util.treedef_is_leaf(jax.tree.structure(value)):
+    return jax.tree.map(lambda _: value, tree)
+  return value
+
+
 def virtual_sgd_step(theta, velocity, grad, *, lr, weight_decay, momentum):
   """One heavy-ball step: v' = momentum * v + grad + wd * theta; theta' = theta - lr * v'.
 
-  Returns (theta', v'). Differentiable in every argument.
+  Returns (theta', v'). Differentiable in every argument. weight_decay: scalar or per-leaf pytree.
   """
-  velocity = jax.tree.map(lambda v, g, t: momentum * v + g + weight_decay * t,
-                          velocity, grad, theta)
+  velocity = jax.tree.map(lambda v, g, t, wd: momentum * v + g + wd * t,
+                          velocity, grad, theta, per_leaf(weight_decay, theta))
   return _axpy(-lr, velocity, theta), velocity
 
 
 def unrolled_outer_loss(phi, theta0, inner_loss: InnerLoss, outer_loss: OuterLoss, *, lr,
-                        weight_decay: float, momentum: float, inner_steps: int,
+                        weight_decay, momentum: float, inner_steps: int,
                         remat: bool = True, unroll: bool = True):
   """outer_loss(theta_{inner_steps+1}(phi)): the hyper-objective, differentiable in phi.
 
@@ -75,7 +84,7 @@ def unrolled_outer_loss(phi, theta0, inner_loss: InnerLoss, outer_loss: OuterLos
 
 
 def hypergradient(phi, theta0, inner_loss: InnerLoss, outer_loss: OuterLoss, *, lr,
-                  weight_decay: float, momentum: float, inner_steps: int, mode: str = 'exact',
+                  weight_decay, momentum: float, inner_steps: int, mode: str = 'exact',
                   remat: bool = True, unroll: bool = True):
   """G_phi = d outer_loss(theta_{inner_steps+1}) / d phi, a pytree like phi.
 
@@ -106,6 +115,7 @@ def _adjoint_hypergradient(phi, theta0, inner_loss, outer_loss, *, lr, weight_de
       U = a1 - lr * a0;  G += (d/dphi g_n)^T U;  a0 <- (1 - lr*wd) a0 + coupling * a1 + H_n U;
       a1 <- momentum * U.
   coupling = weight_decay is the exact reverse of `virtual_sgd_step`; 1 is the authors' code.
+  weight_decay and coupling: scalars or per-leaf pytrees like theta0.
   """
   outer_grad = lambda theta, phi: jax.grad(outer_loss)(theta)  # noqa: E731  (phi unused)
   grad_fns = [jax.grad(inner_loss)] * inner_steps + [outer_grad]
@@ -122,8 +132,8 @@ def _adjoint_hypergradient(phi, theta0, inner_loss, outer_loss, *, lr, weight_de
     _, vjp = jax.vjp(grad_fn, theta_prev, phi)
     hessian_u, cross_u = vjp(u)
     g_phi = jax.tree.map(jnp.add, g_phi, cross_u)
-    a0 = jax.tree.map(lambda x0, x1, hu: (1 - lr * weight_decay) * x0 + coupling * x1 + hu,
-                      a0, a1, hessian_u)
+    a0 = jax.tree.map(lambda x0, x1, hu, wd, c: (1 - lr * wd) * x0 + c * x1 + hu,
+                      a0, a1, hessian_u, per_leaf(weight_decay, a0), per_leaf(coupling, a0))
     a1 = jax.tree.map(lambda x: momentum * x, u)
   return g_phi
 

@@ -118,17 +118,19 @@ def make_train_step(cohort, method, tx, schedule, aug, seed: int):
   return train_step
 
 
-def make_meta_step(cohort, method, schedule, aug, seed: int):
+def make_meta_step(cohort, method, schedule, aug, seed: int, wd_mask: str = 'all'):
   """Returns `meta_step(state, batch, frozen) -> state` for methods with a meta-optimisation
   (`method.meta_every_steps` > 0), run by the loop right after the ordinary update of step t when
-  t % meta_every_steps == 0, on the same batch and augmentation. Only the method state changes."""
+  t % meta_every_steps == 0, on the same batch and augmentation. Only the method state changes.
+  wd_mask: the real optimizer's `optim.wd_mask`, which virtual steps mirror."""
 
   def meta_step(state: TrainState, batch, frozen=None):
     step = state.step - 1  # the step whose update was just applied
     batch, method_key = augmented_batch(batch, step, seed, aug)
     ctx = LossContext(rng=method_key, step=step, peer_params=state.params['peers'], frozen=frozen,
                       cohort=cohort)
-    new_method_state = method.meta_update(state, batch, ctx, cohort=cohort, lr=schedule(step))
+    new_method_state = method.meta_update(state, batch, ctx, cohort=cohort, lr=schedule(step),
+                                             wd_mask=wd_mask)
     return state.replace(method_state=new_method_state)
 
   return meta_step

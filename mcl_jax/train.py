@@ -163,7 +163,8 @@ class Experiment:
     self.meta_step = None
     if self.method.meta_every_steps > 0:
       self.meta_step = jax.jit(
-          step_lib.make_meta_step(self.cohort, self.method, self.schedule, self.aug, config.seed),
+          step_lib.make_meta_step(self.cohort, self.method, self.schedule, self.aug, config.seed,
+                                  wd_mask=config.optim.wd_mask),
           in_shardings=(self.state_sharding, self.batch_sharding, self.replicated),
           out_shardings=self.state_sharding, donate_argnums=0, compiler_options=options)
     self.eval_step = jax.jit(step_lib.make_eval_step(self.cohort, self.aug),

@@ -8,6 +8,7 @@ examples (memory rows).
 """
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mcl_jax.losses.mcl import _upcast, memory_update
 
@@ -86,7 +87,7 @@ def nce_memory_update(memory, idx, feats, momentum) -> Array:
 def init_memory(rng, num_examples: int, dim: int, normalise: bool, leading=()) -> Array:
   """Memory rows uniform in ``[-s, s]``, ``s = 1 / sqrt(F / 3)``; L2-normalised rows when
   ``normalise`` (CRCD) and raw otherwise (MCL-OKD). Shape ``leading + (N, F)``."""
-  bound = 1.0 / jnp.sqrt(dim / 3.0)
+  bound = 1.0 / np.sqrt(dim / 3.0)  # a Python float: the same bound in every dtype
   memory = jax.random.uniform(rng, tuple(leading) + (num_examples, dim), minval=-bound,
                               maxval=bound)
   if normalise:

@@ -52,8 +52,9 @@ class Method:
     """
     raise NotImplementedError
 
-  def meta_update(self, state, batch, ctx, *, cohort, lr):
-    """New method state after a meta-optimisation round (see `mcl_jax.step.make_meta_step`)."""
+  def meta_update(self, state, batch, ctx, *, cohort, lr, wd_mask='all'):
+    """New method state after a meta-optimisation round (see `mcl_jax.step.make_meta_step`);
+    wd_mask: `optim.wd_mask` of the real optimizer."""
     raise NotImplementedError
 
 

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from mcl_jax import cohort as cohort_lib
-from mcl_jax import heads, losses, meta, models
+from mcl_jax import heads, losses, meta, models, optim
 from mcl_jax.methods.base import Method
 from mcl_jax.methods.mcl import init_peer_memory, sample_contrast_indices
 
@@ -267,11 +267,15 @@ class LMCL(Method):
 
     return theta0, inner_loss, outer_loss
 
-  def meta_update(self, state, batch, ctx, *, cohort, lr):
+  def meta_update(self, state, batch, ctx, *, cohort, lr, wd_mask='all'):
     c, method_state = self.config, state.method_state
     theta0, inner_loss, outer_loss = self.meta_objectives(state, batch, cohort, ctx.rng)
+    # The virtual steps decay the leaves the real optimizer decays (optim.wd_mask); phi's own SGD
+    # decays all of phi (mcl.md §3.2 step 5).
+    virtual_wd = jax.tree.map(lambda decay: c.meta_weight_decay if decay else 0.0,
+                              optim.weight_decay_mask(theta0, wd_mask))
     g_phi = meta.hypergradient(method_state['phi'], theta0, inner_loss, outer_loss, lr=lr,
-                               weight_decay=c.meta_weight_decay, momentum=META_MOMENTUM,
+                               weight_decay=virtual_wd, momentum=META_MOMENTUM,
                                inner_steps=c.meta_inner_steps, mode=c.meta_grad,
                                unroll=c.get('meta_unroll', True))
     phi, phi_opt = meta.meta_sgd_update(method_state['phi'], g_phi, method_state['phi_opt'], lr,

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mcl_jax import heads, losses
+from mcl_jax.losses.nce import init_memory
 from mcl_jax.methods.base import Method
 
 
@@ -79,9 +80,7 @@ class MCL(Method):
 def init_peer_memory(rng, num_peers: int, train_labels, dim: int) -> dict:
   """Per-peer memory banks `[K, N, dim]` (the authors' uniform init in +-1/sqrt(dim/3),
   deliberately not normalised, mcl.md §2.1) and the class index used to sample their slots."""
-  bound = 1.0 / np.sqrt(dim / 3.0)
-  memory = jax.random.uniform(rng, (num_peers, len(train_labels), dim), minval=-bound,
-                              maxval=bound)
+  memory = init_memory(rng, len(train_labels), dim, normalise=False, leading=(num_peers,))
   return {'memory': memory, **class_index(train_labels)}
 
 
