@@ -4,8 +4,9 @@ r"""Where the L-MCL meta step's time goes: its pieces, jitted one by one (CPU pr
     python benchmarks/meta_pieces.py --batch 64 --rolled --memory-only
 
 ResNet-8 x 2 L-MCL on a fixed random CIFAR-shaped batch (benchmarks/cohort_step.py): the inner
-loss, its gradient, the outer (CE) gradient, one Hessian-vector product of the inner loss, the
-2 + 1 virtual-step trajectory (forward only) and the exact hyper-gradient, each as
+loss, its gradient, the outer (CE) gradient, the second-order VJP of the inner gradient (H u and
+the cross term to phi) and the exact hyper-gradient by each `meta.SECOND_ORDER` rule, the 2 + 1
+virtual-step trajectory (forward only), each as
 "compile + first call" and the best of 2 further calls; `--rolled` runs the virtual steps as a
 rolled `lax.scan` (`method.meta_unroll=False`) instead of unrolled.
 """
@@ -57,23 +58,29 @@ def main():
     print(f'{name:32s} compile + 1st {first:6.1f} s   run {1e3 * min(runs):9.1f} ms', flush=True)
 
   if args.memory_only:
-    for remat in (True, False):
-      compiled = jax.jit(lambda p, th, r=remat: meta.hypergradient(
-          p, th, inner, outer, remat=r, **kw), compiler_options=options).lower(phi, theta0).compile()
-      mib = compiled.memory_analysis().temp_size_in_bytes / 2**20
-      print(f"hyper-gradient temp memory, {'rolled' if args.rolled else 'unrolled'}, "
-            f"{'with' if remat else 'without'} jax.checkpoint: {mib:.1f} MiB", flush=True)
+    for order in meta.SECOND_ORDER:
+      for remat in (True, False):
+        compiled = jax.jit(lambda p, th, r=remat, o=order: meta.hypergradient(
+            p, th, inner, outer, remat=r, second_order=o, **kw),
+                           compiler_options=options).lower(phi, theta0).compile()
+        mib = compiled.memory_analysis().temp_size_in_bytes / 2**20
+        print(f"hyper-gradient temp memory, {order}, {'rolled' if args.rolled else 'unrolled'}, "
+              f"{'with' if remat else 'without'} jax.checkpoint: {mib:.1f} MiB", flush=True)
     return
 
-  hvp = lambda th, ph: jax.vjp(lambda x: jax.grad(inner)(x, ph), th)[1](th)  # noqa: E731
+  # The VJP of the inner gradient (H u and the cross term to phi), as the hyper-gradient takes it.
+  second_vjp = lambda order: lambda th, ph: jax.vjp(  # noqa: E731
+      meta.gradient_fn(inner, order), th, ph)[1](th)
   timed('inner loss', inner, theta0, phi)
   timed('grad of the inner loss', jax.grad(inner), theta0, phi)
   timed('grad of the outer loss', jax.grad(outer), theta0)
-  timed('Hessian-vector product (inner)', hvp, theta0, phi)
+  for order in meta.SECOND_ORDER:
+    timed(f'second-order VJP, {order}', second_vjp(order), theta0, phi)
   timed('virtual steps, forward only',
         lambda p, th: meta.unrolled_outer_loss(p, th, inner, outer, **kw), phi, theta0)
-  timed('exact hyper-gradient',
-        lambda p, th: meta.hypergradient(p, th, inner, outer, **kw), phi, theta0)
+  for order in meta.SECOND_ORDER:
+    timed(f'exact hyper-gradient, {order}', lambda p, th, o=order: meta.hypergradient(
+        p, th, inner, outer, second_order=o, **kw), phi, theta0)
 
 
 if __name__ == '__main__':

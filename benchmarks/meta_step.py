@@ -2,11 +2,11 @@ r"""Cost of L-MCL's meta step (mcl_jax.meta, mcl.md §3.2) against an ordinary s
 
     python benchmarks/meta_step.py --arch resnet8 --peers 2 --batch 64 --steps 3
 
-Prints one JSON line: median ms of an MCL train step, an L-MCL train step, an L-MCL meta step and
-an L-MCL train step with the meta step fused in behind `lax.cond` (not taken); the meta step's
-cost relative to the MCL step; the amortised overhead of meta every `--every` steps; and the peak
-temporary memory of the compiled hyper-gradient with and without `jax.checkpoint` per virtual
-step (`compiled.memory_analysis()`). Fixed random CIFAR-shaped batch, as benchmarks/cohort_step.py.
+Prints one JSON line: median ms of an MCL train step, an L-MCL train step, an L-MCL meta step
+(with each `method.meta_second_order`, the default first) and an L-MCL train step with the meta
+step fused in behind `lax.cond` (not taken); the meta step's cost relative to the MCL step; the
+amortised overhead of meta every `--every` steps; and the peak temporary memory of the compiled
+hyper-gradient with and without `jax.checkpoint` per virtual step (`compiled.memory_analysis()`). Fixed random CIFAR-shaped batch, as benchmarks/cohort_step.py.
 """
 from __future__ import annotations
 
@@ -52,15 +52,21 @@ def main(argv=None):
   method_config = config_lib.base_config().method
   method_config.name = 'lmcl'
   method = methods.get_method(method_config)
+  default_order = method_config.meta_second_order
   aug = config_lib.ml_collections.ConfigDict(dict(mean=(0.5,) * 3, std=(0.25,) * 3,
                                                   crop_padding=4, flip=True))
   # The optimizer and schedule of build_step (the same config).
   optim_config = config_lib.base_config().optim
   optim_config.lr = 0.05
   tx, schedule = optim.make_optimizer(optim_config, total_steps=10_000, steps_per_epoch=390)
-  meta_step = jax.jit(step_lib.make_meta_step(cohort, method, schedule, aug, seed=0),
-                      compiler_options=options)
-  meta_ms = time_calls(lambda: meta_step(state, data, None), args.steps)
+  meta_ms_by_order = {}
+  for order in sorted(meta.SECOND_ORDER, key=lambda o: o != default_order):
+    order_config = config_lib.ml_collections.ConfigDict(method_config)
+    order_config.meta_second_order = order
+    meta_step = jax.jit(step_lib.make_meta_step(cohort, methods.get_method(order_config), schedule,
+                                                aug, seed=0), compiler_options=options)
+    meta_ms_by_order[order] = time_calls(lambda: meta_step(state, data, None), args.steps)
+  meta_ms = meta_ms_by_order[default_order]
 
   # The alternative: meta fused into the train step behind lax.cond (here never taken).
   train_fn = step_lib.make_train_step(cohort, method, tx, schedule, aug, seed=0)
@@ -79,18 +85,22 @@ def main(argv=None):
   batch, _ = step_lib.augmented_batch(data, state.step, 0, aug)
   theta0, inner, outer = method.meta_objectives(state, batch, cohort)
   temp_mb = {}
-  for remat in (True, False):
-    compiled = jax.jit(lambda phi, theta, r=remat: meta.hypergradient(
-        phi, theta, inner, outer, lr=0.05, weight_decay=5e-4, momentum=0.9, inner_steps=2,
-        remat=r), compiler_options=options).lower(state.method_state['phi'], theta0).compile()
-    temp_mb['remat' if remat else 'no_remat'] = round(
-        compiled.memory_analysis().temp_size_in_bytes / 2**20, 1)
+  for order in meta.SECOND_ORDER:
+    for remat in (True, False):
+      compiled = jax.jit(lambda phi, theta, r=remat, o=order: meta.hypergradient(
+          phi, theta, inner, outer, lr=0.05, weight_decay=5e-4, momentum=0.9, inner_steps=2,
+          remat=r, second_order=o), compiler_options=options).lower(
+              state.method_state['phi'], theta0).compile()
+      temp_mb[f"{order}/{'remat' if remat else 'no_remat'}"] = round(
+          compiled.memory_analysis().temp_size_in_bytes / 2**20, 1)
 
   print(json.dumps({
       'arch': args.arch, 'peers': args.peers, 'batch': args.batch,
       'strategy': cohort.strategy, 'backend': jax.default_backend(),
       'mcl_step_ms': round(mcl_ms, 1), 'lmcl_step_ms': round(lmcl_ms, 1),
-      'meta_step_ms': round(meta_ms, 1), 'lmcl_step_with_cond_ms': round(fused_ms, 1),
+      'meta_step_ms': round(meta_ms, 1),
+      **{f'meta_step_ms/{o}': round(ms, 1) for o, ms in meta_ms_by_order.items()},
+      'lmcl_step_with_cond_ms': round(fused_ms, 1),
       'meta_over_mcl_step': round(meta_ms / mcl_ms, 2),
       'meta_over_lmcl_step': round(meta_ms / lmcl_ms, 2),
       f'amortised_meta_overhead_every_{args.every}': round(meta_ms / (args.every * lmcl_ms), 3),

@@ -126,13 +126,54 @@ def test_hypergradient_matches_central_finite_differences():
     fd = np.array([(f(unravel(flat + eps * e)) - f(unravel(flat - eps * e))) / (2 * eps)
                    for e in np.eye(flat.size)])
     assert np.max(np.abs(fd)) > 1e-4  # phi really moves the outer loss
-    for remat in (True, False):
-      got = jax.flatten_util.ravel_pytree(
-          meta.hypergradient(phi, theta, inner, outer, remat=remat, **kw))[0]
-      np.testing.assert_allclose(got, fd, rtol=1e-6, atol=1e-10)
-    adjoint = meta._adjoint_hypergradient(phi, theta, inner, outer, coupling=WD, **kw)  # pylint: disable=protected-access
-    np.testing.assert_allclose(jax.flatten_util.ravel_pytree(adjoint)[0], fd, rtol=1e-6,
-                               atol=1e-10)
+    for second_order in meta.SECOND_ORDER:
+      for remat in (True, False):
+        got = jax.flatten_util.ravel_pytree(meta.hypergradient(
+            phi, theta, inner, outer, remat=remat, second_order=second_order, **kw))[0]
+        np.testing.assert_allclose(got, fd, rtol=1e-6, atol=1e-10)
+      adjoint = meta._adjoint_hypergradient(phi, theta, inner, outer, coupling=WD,  # pylint: disable=protected-access
+                                            second_order=second_order, **kw)
+      np.testing.assert_allclose(jax.flatten_util.ravel_pytree(adjoint)[0], fd, rtol=1e-6,
+                                 atol=1e-10)
+
+
+def test_reverse_over_forward_gradient_has_the_second_order_vjp_of_nested_grad():
+  """meta.gradient_fn's custom VJP (H u, (d/dphi grad)^T u) equals jax.vjp of jax.grad, and its
+  value is jax.grad's, on the L-MCL-shaped toy."""
+  with jax.enable_x64(True):
+    theta, phi, inner, _ = dense_problem(seed=4)
+    theta = jax.tree.map(jnp.asarray, theta)
+    phi = jax.tree.map(jnp.asarray, phi)
+    u = jax.tree.map(lambda x: jnp.cos(3.0 * x), theta)
+    fast = meta.gradient_fn(inner, 'reverse_over_forward')
+    plain = meta.gradient_fn(inner, 'reverse_over_reverse')
+    value_fast, vjp_fast = jax.vjp(fast, theta, phi)
+    value_plain, vjp_plain = jax.vjp(plain, theta, phi)
+    chex.assert_trees_all_close(value_fast, value_plain, rtol=1e-13, atol=0)
+    chex.assert_trees_all_close(vjp_fast(u), vjp_plain(u), rtol=1e-11, atol=1e-14)
+    assert max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(vjp_plain(u)[1])) > 1e-3
+    with pytest.raises(ValueError, match='second_order'):
+      meta.gradient_fn(inner, 'forward_over_forward')
+
+
+def test_second_order_rules_agree_under_jit_with_closed_over_arrays():
+  """As in the meta step: losses close over the jit's float and integer arrays (a batch and its
+  labels); both rules, both modes, with and without remat give one hyper-gradient."""
+  with jax.enable_x64(True):
+    def hypergradients(theta, labels, scale):
+      inner = lambda th, p: jnp.sum(p * jnp.sin(th) ** 2 * scale * labels)  # noqa: E731
+      outer = lambda th: jnp.sum((th - labels) ** 2 * scale)  # noqa: E731
+      kw = dict(lr=LR, weight_decay=WD, momentum=MU, inner_steps=2)
+      return [meta.hypergradient(jnp.linspace(0.5, 1.5, 4), theta, inner, outer, mode=mode,
+                                 remat=remat, second_order=order, **kw)
+              for mode in meta.MODES for remat in (True, False) for order in meta.SECOND_ORDER]
+
+    got = jax.jit(hypergradients)(jnp.linspace(-1.0, 2.0, 4), jnp.arange(4), 1.5)
+    for mode_index in range(2):
+      block = got[4 * mode_index:4 * mode_index + 4]
+      assert np.max(np.abs(block[0])) > 1e-3
+      for g in block[1:]:
+        np.testing.assert_allclose(g, block[0], rtol=1e-12, atol=1e-15)
 
 
 def test_per_leaf_weight_decay_matches_finite_differences_and_the_adjoint():

@@ -277,7 +277,8 @@ class LMCL(Method):
     g_phi = meta.hypergradient(method_state['phi'], theta0, inner_loss, outer_loss, lr=lr,
                                weight_decay=virtual_wd, momentum=META_MOMENTUM,
                                inner_steps=c.meta_inner_steps, mode=c.meta_grad,
-                               unroll=c.get('meta_unroll', True))
+                               unroll=c.get('meta_unroll', True),
+                               second_order=c.get('meta_second_order', 'reverse_over_forward'))
     phi, phi_opt = meta.meta_sgd_update(method_state['phi'], g_phi, method_state['phi_opt'], lr,
                                         weight_decay=c.meta_weight_decay, momentum=META_MOMENTUM)
     return {**method_state, 'phi': phi, 'phi_opt': phi_opt}
