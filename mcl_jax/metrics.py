@@ -30,8 +30,10 @@ class MetricWriter:
       logging.warning('tensorboardX is not installed; writing metrics.jsonl only.')
 
   def _truncate_after(self, step: int) -> None:
-    """On resume, drop lines logged after the restored checkpoint: they are re-logged identically."""
+    """On resume, drop lines logged after the restored checkpoint: they are re-logged identically.
+    A new run starts an empty file, so a run stopped before its first log point still has one."""
     if not os.path.exists(self.path):
+      open(self.path, 'a').close()
       return
     with open(self.path) as f:
       lines = [line for line in f if line.strip() and json.loads(line)['step'] <= step]

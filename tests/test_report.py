@@ -2,7 +2,9 @@
 import json
 import os
 
-from mcl_jax import config_lib, report
+import pytest
+
+from mcl_jax import config_lib, metrics, report
 
 
 def fake_run(root, name, seed, method, evals):
@@ -49,3 +51,20 @@ def test_group_names_separate_variants():
   okd = report.describe(c.to_dict())
   c.method.alpha = c.method.beta = 0.0
   assert report.describe(c.to_dict()) == okd.replace('mcl_okd', 'mcl_okd (CE only: branches alone)')
+
+
+def test_metrics_file_exists_from_the_start_and_resume_drops_later_lines(tmp_path):
+  """A run stopped before its first log point still leaves metrics.jsonl (empty: the report says
+  there is no evaluation yet); a resume drops the lines logged after the restored step."""
+  workdir = str(tmp_path / 'run')
+  writer = metrics.MetricWriter(workdir)
+  assert metrics.read_metrics(workdir) == []
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    json.dump(config_lib.base_config().to_dict(), f)
+  with pytest.raises(ValueError, match='no evaluation'):
+    report.run_summary(workdir)
+  for step in (2, 4, 6):
+    writer.write(step, {'train/loss': float(step)})
+  writer.close()
+  metrics.MetricWriter(workdir, resume_step=4).close()
+  assert [r['step'] for r in metrics.read_metrics(workdir)] == [2, 4]
