@@ -6,7 +6,8 @@ Prints one JSON line: median ms of an MCL train step, an L-MCL train step, an L-
 (with each `method.meta_second_order`, the default first) and an L-MCL train step with the meta
 step fused in behind `lax.cond` (not taken); the meta step's cost relative to the MCL step; the
 amortised overhead of meta every `--every` steps; and the peak temporary memory of the compiled
-hyper-gradient with and without `jax.checkpoint` per virtual step (`compiled.memory_analysis()`). Fixed random CIFAR-shaped batch, as benchmarks/cohort_step.py.
+hyper-gradient with and without `jax.checkpoint` per virtual step (`compiled.memory_analysis()`).
+Fixed random CIFAR-shaped batch, as benchmarks/cohort_step.py.
 """
 from __future__ import annotations
 

@@ -163,7 +163,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
   Data availability (a tfds `data_dir` that is not prepared) is checked too, since it is the most
   common way a long job dies late.
   """
-  from mcl_jax import cohort as cohort_lib, data, methods, models  # pylint: disable=g-import-not-at-top
+  from mcl_jax import cohort as cohort_lib, data, meta, methods, models  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
 
   problems = []
@@ -187,11 +187,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
         f'must be one of {methods.available()}')
   check(c.method.kd_T > 0, 'method.kd_T', c.method.kd_T, 'must be > 0')
   check(c.method.tau > 0, 'method.tau', c.method.tau, 'must be > 0')
-  check(c.method.meta_grad in ('exact', 'official'), 'method.meta_grad', c.method.meta_grad,
-        "must be 'exact' or 'official'")
-  check(c.method.meta_second_order in ('reverse_over_forward', 'reverse_over_reverse'),
-        'method.meta_second_order', c.method.meta_second_order,
-        "must be 'reverse_over_forward' or 'reverse_over_reverse'")
+  check(c.method.meta_grad in meta.MODES, 'method.meta_grad', c.method.meta_grad,
+        f'must be one of {meta.MODES}')
+  check(c.method.meta_second_order in meta.SECOND_ORDER, 'method.meta_second_order',
+        c.method.meta_second_order, f'must be one of {meta.SECOND_ORDER}')
   for key in ('dml_weight', 'alpha', 'gamma', 'beta', 'lam'):  # loss weights
     check(c.method[key] >= 0, f'method.{key}', c.method[key], 'must be >= 0')
   for key in ('embed_dim', 'num_positives', 'num_negatives', 'samples_per_class',

@@ -38,9 +38,9 @@ def gradient_fn(loss: Callable, second_order: str = 'reverse_over_forward') -> C
   (H u, (d/d rest grad)^T u), i.e. the gradient w.r.t. (theta, *rest) of the directional derivative
   <grad loss, u>. 'reverse_over_reverse' is plain `jax.grad` of `jax.grad`. 'reverse_over_forward'
   gives the same numbers through a `jax.custom_vjp` whose backward pass is `jax.grad` of
-  `jax.jvp(loss, theta, u)`: on XLA:CPU 3.0x faster than reverse-over-reverse for L-MCL's
-  ResNet-8 x 2 (287 vs 847 ms at batch 32, BENCHMARKS.md §2), and it keeps only (theta, *rest)
-  per step for the backward pass, which recomputes the forward pass.
+  `jax.jvp(loss, theta, u)`: on XLA:CPU 3.2x faster than reverse-over-reverse for L-MCL's
+  ResNet-8 x 2 (269 vs 848 ms at batch 32, benchmarks/results/lmcl.md), and it keeps only its
+  inputs per step for the backward pass, which recomputes the forward pass.
   """
   if second_order == 'reverse_over_reverse':
     return jax.grad(loss)
@@ -65,8 +65,8 @@ def _hoist_closure(fn, *example_args):
   num_args = len(jax.tree.leaves(example_args))
 
   def pure_fn(*args_and_consts):
-    args, consts = args_and_consts[:len(args_and_consts) - len(closed.consts)], \
-        args_and_consts[len(args_and_consts) - len(closed.consts):]
+    split = len(args_and_consts) - len(closed.consts)
+    args, consts = args_and_consts[:split], args_and_consts[split:]
     flat_args = jax.tree.leaves(args)
     if len(flat_args) != num_args:
       raise TypeError(f'expected {num_args} array arguments, got {len(flat_args)}')
