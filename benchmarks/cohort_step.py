@@ -7,6 +7,7 @@ Prints one JSON line with "step_ms_median", "step_ms_min", "compile_s" and the s
 a fixed random CIFAR-shaped batch (32x32x3, 100 classes) so no input pipeline is timed, matching
 ../shared/bench/torch_mcl_step.py.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,18 +30,23 @@ def build_step(arch, peers, method, strategy, batch, fast_path=True, num_classes
   cohort = cohort_lib.build_cohort(config.model, config.cohort, num_classes)
   meth = methods.get_method(config.method)
   tx, schedule = optim.make_optimizer(config.optim, total_steps=10_000, steps_per_epoch=390)
-  aug = config_lib.ml_collections.ConfigDict(dict(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
-                                                  crop_padding=4, flip=True))
+  aug = config_lib.ml_collections.ConfigDict(
+      dict(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), crop_padding=4, flip=True)
+  )
   sample = jnp.zeros((1, 32, 32, 3), jnp.float32)
   train_labels = np.arange(50_000, dtype=np.int32) % num_classes
   state = step_lib.create_state(cohort, meth, tx, jax.random.key(0), sample, train_labels)
-  train_step = jax.jit(step_lib.make_train_step(cohort, meth, tx, schedule, aug, seed=0),
-                       donate_argnums=0,
-                       compiler_options=step_lib.compiler_options(enabled=fast_path))
+  train_step = jax.jit(
+      step_lib.make_train_step(cohort, meth, tx, schedule, aug, seed=0),
+      donate_argnums=0,
+      compiler_options=step_lib.compiler_options(enabled=fast_path),
+  )
   rng = np.random.default_rng(0)
-  data = {'image': jnp.asarray(rng.integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8)),
-          'label': jnp.asarray(np.arange(batch, dtype=np.int32) // 2 % num_classes),
-          'index': jnp.arange(batch, dtype=jnp.int32)}
+  data = {
+      'image': jnp.asarray(rng.integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8)),
+      'label': jnp.asarray(np.arange(batch, dtype=np.int32) // 2 % num_classes),
+      'index': jnp.arange(batch, dtype=jnp.int32),
+  }
   return cohort, state, train_step, data
 
 
@@ -65,16 +71,20 @@ def breakdown(cohort, state, data, steps: int, fast_path: bool) -> dict:
   """Median ms of the step's parts, each jitted on its own: augmentation + forward of all peers
   (train mode), forward + backward (CE of every peer), and the full step is timed by the caller."""
   from mcl_jax import augment, losses  # pylint: disable=g-import-not-at-top
+
   options = step_lib.compiler_options(enabled=fast_path)
-  images = augment.augment_batch(data['image'], jax.random.key(0), mean=(0.5,) * 3,
-                                 std=(0.25,) * 3, pad=4, flip=True)
+  images = augment.augment_batch(
+      data['image'], jax.random.key(0), mean=(0.5,) * 3, std=(0.25,) * 3, pad=4, flip=True
+  )
 
   def forward(params):
     out, _ = cohort.apply(params, state.batch_stats, images, train=True)
     return losses.ce_loss(out['logits'], data['label'])
 
-  parts = {'forward': jax.jit(forward, compiler_options=options),
-           'forward_backward': jax.jit(jax.grad(forward), compiler_options=options)}
+  parts = {
+      'forward': jax.jit(forward, compiler_options=options),
+      'forward_backward': jax.jit(jax.grad(forward), compiler_options=options),
+  }
   out = {}
   for name, fn in parts.items():
     jax.block_until_ready(fn(state.params['peers']))
@@ -96,23 +106,42 @@ def main(argv=None):
   ap.add_argument('--strategy', default='auto', choices=cohort_lib.STRATEGIES)
   ap.add_argument('--steps', type=int, default=10)
   ap.add_argument('--warmup', type=int, default=2)
-  ap.add_argument('--no-fast-path', action='store_true',
-                  help='compile without the XLA:CPU option of mcl_jax.step.CPU_COMPILER_OPTIONS')
-  ap.add_argument('--breakdown', action='store_true',
-                  help='also time forward and forward+backward alone')
+  ap.add_argument(
+      '--no-fast-path',
+      action='store_true',
+      help='compile without the XLA:CPU option of mcl_jax.step.CPU_COMPILER_OPTIONS',
+  )
+  ap.add_argument(
+      '--breakdown', action='store_true', help='also time forward and forward+backward alone'
+  )
   args = ap.parse_args(argv)
-  cohort, state, train_step, data = build_step(args.arch, args.peers, args.method, args.strategy,
-                                               args.batch, fast_path=not args.no_fast_path)
-  parts = (breakdown(cohort, state, data, args.steps, not args.no_fast_path)
-           if args.breakdown else {})
+  cohort, state, train_step, data = build_step(
+      args.arch, args.peers, args.method, args.strategy, args.batch, fast_path=not args.no_fast_path
+  )
+  parts = (
+      breakdown(cohort, state, data, args.steps, not args.no_fast_path) if args.breakdown else {}
+  )
   compile_s, times, _ = time_step(train_step, state, data, args.steps, args.warmup)
-  print(json.dumps({**parts,
-      'arch': args.arch, 'peers': args.peers, 'batch': args.batch, 'method': args.method,
-      'strategy': args.strategy, 'resolved_strategy': cohort.strategy,
-      'backend': jax.default_backend(), 'fast_path': not args.no_fast_path,
-      'step_ms_median': round(statistics.median(times), 1), 'step_ms_min': round(min(times), 1),
-      'compile_s': round(compile_s, 1), 'steps': args.steps,
-      'img_per_s': round(args.batch * 1e3 / statistics.median(times), 1)}))
+  print(
+      json.dumps(
+          {
+              **parts,
+              'arch': args.arch,
+              'peers': args.peers,
+              'batch': args.batch,
+              'method': args.method,
+              'strategy': args.strategy,
+              'resolved_strategy': cohort.strategy,
+              'backend': jax.default_backend(),
+              'fast_path': not args.no_fast_path,
+              'step_ms_median': round(statistics.median(times), 1),
+              'step_ms_min': round(min(times), 1),
+              'compile_s': round(compile_s, 1),
+              'steps': args.steps,
+              'img_per_s': round(args.batch * 1e3 / statistics.median(times), 1),
+          }
+      )
+  )
 
 
 if __name__ == '__main__':

@@ -10,6 +10,7 @@ virtual-step trajectory (forward only), each as
 "compile + first call" and the best of 2 further calls; `--rolled` runs the virtual steps as a
 rolled `lax.scan` (`method.meta_unroll=False`) instead of unrolled.
 """
+
 import argparse
 import time
 
@@ -25,8 +26,11 @@ def main():
   ap.add_argument('--rolled', action='store_true')
   ap.add_argument('--no-fast-path', action='store_true')
   ap.add_argument('--flops', action='store_true', help="also XLA's cost analysis of each piece")
-  ap.add_argument('--memory-only', action='store_true',
-                  help="only the hyper-gradient's temporary memory with / without jax.checkpoint")
+  ap.add_argument(
+      '--memory-only',
+      action='store_true',
+      help="only the hyper-gradient's temporary memory with / without jax.checkpoint",
+  )
   args = ap.parse_args()
   fast = not args.no_fast_path
   options = step_lib.compiler_options(enabled=fast)
@@ -34,8 +38,9 @@ def main():
   method_config = config_lib.base_config().method
   method_config.name = 'lmcl'
   method = methods.get_method(method_config)
-  aug = config_lib.ml_collections.ConfigDict(dict(mean=(0.5,) * 3, std=(0.25,) * 3,
-                                                  crop_padding=4, flip=True))
+  aug = config_lib.ml_collections.ConfigDict(
+      dict(mean=(0.5,) * 3, std=(0.25,) * 3, crop_padding=4, flip=True)
+  )
   batch, _ = step_lib.augmented_batch(data, state.step, 0, aug)
   theta0, inner, outer = method.meta_objectives(state, batch, cohort)
   phi = state.method_state['phi']
@@ -60,27 +65,46 @@ def main():
   if args.memory_only:
     for order in meta.SECOND_ORDER:
       for remat in (True, False):
-        compiled = jax.jit(lambda p, th, r=remat, o=order: meta.hypergradient(
-            p, th, inner, outer, remat=r, second_order=o, **kw),
-                           compiler_options=options).lower(phi, theta0).compile()
+        compiled = (
+            jax.jit(
+                lambda p, th, r=remat, o=order: meta.hypergradient(
+                    p, th, inner, outer, remat=r, second_order=o, **kw
+                ),
+                compiler_options=options,
+            )
+            .lower(phi, theta0)
+            .compile()
+        )
         mib = compiled.memory_analysis().temp_size_in_bytes / 2**20
-        print(f"hyper-gradient temp memory, {order}, {'rolled' if args.rolled else 'unrolled'}, "
-              f"{'with' if remat else 'without'} jax.checkpoint: {mib:.1f} MiB", flush=True)
+        print(
+            f"hyper-gradient temp memory, {order}, {'rolled' if args.rolled else 'unrolled'}, "
+            f"{'with' if remat else 'without'} jax.checkpoint: {mib:.1f} MiB",
+            flush=True,
+        )
     return
 
   # The VJP of the inner gradient (H u and the cross term to phi), as the hyper-gradient takes it.
   second_vjp = lambda order: lambda th, ph: jax.vjp(  # noqa: E731
-      meta.gradient_fn(inner, order), th, ph)[1](th)
+      meta.gradient_fn(inner, order), th, ph
+  )[1](th)
   timed('inner loss', inner, theta0, phi)
   timed('grad of the inner loss', jax.grad(inner), theta0, phi)
   timed('grad of the outer loss', jax.grad(outer), theta0)
   for order in meta.SECOND_ORDER:
     timed(f'second-order VJP, {order}', second_vjp(order), theta0, phi)
-  timed('virtual steps, forward only',
-        lambda p, th: meta.unrolled_outer_loss(p, th, inner, outer, **kw), phi, theta0)
+  timed(
+      'virtual steps, forward only',
+      lambda p, th: meta.unrolled_outer_loss(p, th, inner, outer, **kw),
+      phi,
+      theta0,
+  )
   for order in meta.SECOND_ORDER:
-    timed(f'exact hyper-gradient, {order}', lambda p, th, o=order: meta.hypergradient(
-        p, th, inner, outer, second_order=o, **kw), phi, theta0)
+    timed(
+        f'exact hyper-gradient, {order}',
+        lambda p, th, o=order: meta.hypergradient(p, th, inner, outer, second_order=o, **kw),
+        phi,
+        theta0,
+    )
 
 
 if __name__ == '__main__':

@@ -9,6 +9,7 @@ amortised overhead of meta every `--every` steps; and the peak temporary memory 
 hyper-gradient with and without `jax.checkpoint` per virtual step (`compiled.memory_analysis()`).
 Fixed random CIFAR-shaped batch, as benchmarks/cohort_step.py.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,16 +47,18 @@ def main(argv=None):
   _, state, mcl_step, data = build_step(args.arch, args.peers, 'mcl', args.strategy, args.batch)
   mcl_ms = statistics.median(time_step(mcl_step, state, data, args.steps, warmup=1)[1])
 
-  cohort, state, lmcl_step, data = build_step(args.arch, args.peers, 'lmcl', args.strategy,
-                                              args.batch)
+  cohort, state, lmcl_step, data = build_step(
+      args.arch, args.peers, 'lmcl', args.strategy, args.batch
+  )
   compile_s, times, state = time_step(lmcl_step, state, data, args.steps, warmup=1)
   lmcl_ms = statistics.median(times)
   method_config = config_lib.base_config().method
   method_config.name = 'lmcl'
   method = methods.get_method(method_config)
   default_order = method_config.meta_second_order
-  aug = config_lib.ml_collections.ConfigDict(dict(mean=(0.5,) * 3, std=(0.25,) * 3,
-                                                  crop_padding=4, flip=True))
+  aug = config_lib.ml_collections.ConfigDict(
+      dict(mean=(0.5,) * 3, std=(0.25,) * 3, crop_padding=4, flip=True)
+  )
   # The optimizer and schedule of build_step (the same config).
   optim_config = config_lib.base_config().optim
   optim_config.lr = 0.05
@@ -64,8 +67,10 @@ def main(argv=None):
   for order in sorted(meta.SECOND_ORDER, key=lambda o: o != default_order):
     order_config = config_lib.ml_collections.ConfigDict(method_config)
     order_config.meta_second_order = order
-    meta_step = jax.jit(step_lib.make_meta_step(cohort, methods.get_method(order_config), schedule,
-                                                aug, seed=0), compiler_options=options)
+    meta_step = jax.jit(
+        step_lib.make_meta_step(cohort, methods.get_method(order_config), schedule, aug, seed=0),
+        compiler_options=options,
+    )
     meta_ms_by_order[order] = time_calls(lambda: meta_step(state, data, None), args.steps)
   meta_ms = meta_ms_by_order[default_order]
 
@@ -88,24 +93,52 @@ def main(argv=None):
   temp_mb = {}
   for order in meta.SECOND_ORDER:
     for remat in (True, False):
-      compiled = jax.jit(lambda phi, theta, r=remat, o=order: meta.hypergradient(
-          phi, theta, inner, outer, lr=0.05, weight_decay=5e-4, momentum=0.9, inner_steps=2,
-          remat=r, second_order=o), compiler_options=options).lower(
-              state.method_state['phi'], theta0).compile()
+      compiled = (
+          jax.jit(
+              lambda phi, theta, r=remat, o=order: meta.hypergradient(
+                  phi,
+                  theta,
+                  inner,
+                  outer,
+                  lr=0.05,
+                  weight_decay=5e-4,
+                  momentum=0.9,
+                  inner_steps=2,
+                  remat=r,
+                  second_order=o,
+              ),
+              compiler_options=options,
+          )
+          .lower(state.method_state['phi'], theta0)
+          .compile()
+      )
       temp_mb[f"{order}/{'remat' if remat else 'no_remat'}"] = round(
-          compiled.memory_analysis().temp_size_in_bytes / 2**20, 1)
+          compiled.memory_analysis().temp_size_in_bytes / 2**20, 1
+      )
 
-  print(json.dumps({
-      'arch': args.arch, 'peers': args.peers, 'batch': args.batch,
-      'strategy': cohort.strategy, 'backend': jax.default_backend(),
-      'mcl_step_ms': round(mcl_ms, 1), 'lmcl_step_ms': round(lmcl_ms, 1),
-      'meta_step_ms': round(meta_ms, 1),
-      **{f'meta_step_ms/{o}': round(ms, 1) for o, ms in meta_ms_by_order.items()},
-      'lmcl_step_with_cond_ms': round(fused_ms, 1),
-      'meta_over_mcl_step': round(meta_ms / mcl_ms, 2),
-      'meta_over_lmcl_step': round(meta_ms / lmcl_ms, 2),
-      f'amortised_meta_overhead_every_{args.every}': round(meta_ms / (args.every * lmcl_ms), 3),
-      'hypergrad_temp_mib': temp_mb, 'lmcl_compile_s': round(compile_s, 1)}))
+  print(
+      json.dumps(
+          {
+              'arch': args.arch,
+              'peers': args.peers,
+              'batch': args.batch,
+              'strategy': cohort.strategy,
+              'backend': jax.default_backend(),
+              'mcl_step_ms': round(mcl_ms, 1),
+              'lmcl_step_ms': round(lmcl_ms, 1),
+              'meta_step_ms': round(meta_ms, 1),
+              **{f'meta_step_ms/{o}': round(ms, 1) for o, ms in meta_ms_by_order.items()},
+              'lmcl_step_with_cond_ms': round(fused_ms, 1),
+              'meta_over_mcl_step': round(meta_ms / mcl_ms, 2),
+              'meta_over_lmcl_step': round(meta_ms / lmcl_ms, 2),
+              f'amortised_meta_overhead_every_{args.every}': round(
+                  meta_ms / (args.every * lmcl_ms), 3
+              ),
+              'hypergrad_temp_mib': temp_mb,
+              'lmcl_compile_s': round(compile_s, 1),
+          }
+      )
+  )
 
 
 if __name__ == '__main__':

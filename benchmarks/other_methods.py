@@ -8,6 +8,7 @@ method's jitted train step is built first, then timed round-robin (ROUNDS rounds
 method, after 2 warm-up steps each), so slow drifts of a shared machine hit all methods alike.
 Prints one JSON line per method: median step ms and the ratio to the plain student step.
 """
+
 import json
 import statistics
 import sys
@@ -25,8 +26,11 @@ METHODS = [
     ('kd (+ teacher ResNet-20 forward, KL)', f'method=kd,teacher={TEACHER}', {}),
     ('ckd (+ teacher forward, B x B logit InfoNCE)', f'method=ckd,teacher={TEACHER}', {}),
     ('crcd, K = 64 (the Fashion-MNIST config)', f'method=crcd,teacher={TEACHER}', {}),
-    ('crcd, K = 500 (the CIFAR protocol)', f'method=crcd,teacher={TEACHER}',
-     {'num_negatives': 500}),
+    (
+        'crcd, K = 500 (the CIFAR protocol)',
+        f'method=crcd,teacher={TEACHER}',
+        {'num_negatives': 500},
+    ),
     ('mcl_okd (resnet8_okd2: shared stem, 2 branches, K = 256)', 'method=mcl_okd', {}),
     ('okd branches alone (alpha = beta = 0)', 'method=mcl_okd', {'alpha': 0.0, 'beta': 0.0}),
 ]
@@ -48,8 +52,16 @@ def main():
   base = statistics.median(times[BASE])
   for label, seconds in times.items():
     ms = 1e3 * statistics.median(seconds)
-    print(json.dumps({'method': label, 'step_ms_median': round(ms, 1),
-                      'relative': round(ms / (1e3 * base), 2), 'steps_timed': len(seconds)}))
+    print(
+        json.dumps(
+            {
+                'method': label,
+                'step_ms_median': round(ms, 1),
+                'relative': round(ms / (1e3 * base), 2),
+                'steps_timed': len(seconds),
+            }
+        )
+    )
 
 
 if __name__ == '__main__':

@@ -11,6 +11,7 @@ The 8 "devices" are threads of one 2-core CPU here, so this measures the program
 a speed-up: what it can show is whether the shard_map program costs more than the partitioned
 one. Re-run on real accelerators before choosing from it there.
 """
+
 import json
 import os
 import statistics
@@ -29,11 +30,21 @@ ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 4
 
 
 def config(data, peer, strategy, shard_map):
-  return tiny_config(**{
-      'method.name': 'mcl', 'method.memory_bank': True, 'method.num_negatives': 256,
-      'method.embed_dim': 64, 'cohort.num_peers': 4, 'cohort.strategy': strategy,
-      'mesh.data': data, 'mesh.peer': peer, 'mesh.peer_shard_map': shard_map,
-      'batch_size': 64, 'data.train_examples': 2048})
+  return tiny_config(
+      **{
+          'method.name': 'mcl',
+          'method.memory_bank': True,
+          'method.num_negatives': 256,
+          'method.embed_dim': 64,
+          'cohort.num_peers': 4,
+          'cohort.strategy': strategy,
+          'mesh.data': data,
+          'mesh.peer': peer,
+          'mesh.peer_shard_map': shard_map,
+          'batch_size': 64,
+          'data.train_examples': 2048,
+      }
+  )
 
 
 def main():
@@ -52,9 +63,16 @@ def main():
   base = statistics.median(times['1 device, unroll'])
   for label, seconds in times.items():
     ms = 1e3 * statistics.median(seconds)
-    print(json.dumps({'variant': label, 'step_ms_median': round(ms, 1),
-                      'relative_to_1_device': round(ms / (1e3 * base), 2),
-                      'compile_and_2_steps_s': round(compile_s[label], 1)}))
+    print(
+        json.dumps(
+            {
+                'variant': label,
+                'step_ms_median': round(ms, 1),
+                'relative_to_1_device': round(ms / (1e3 * base), 2),
+                'compile_and_2_steps_s': round(compile_s[label], 1),
+            }
+        )
+    )
 
 
 if __name__ == '__main__':

@@ -1,4 +1,5 @@
 """Round-robin step timing for benchmarks that compare several jitted train steps in one run."""
+
 import time
 
 import jax

@@ -10,7 +10,8 @@ CKD, the "with plain KD" row; CRD's 0.1 CE + 0.9 KD, T = 4), baseline (the stude
 smoke. Expected student top-1: UNKNOWN (the paper's tables were not available; never cite
 numbers we do not have). ShuffleV1 and CIFAR ResNet-50 rows are not in the model zoo.
 """
-from mcl_jax import config_lib
+
+from mcl_jax import config_lib, methods
 
 # pair: (teacher arch, student arch, batch, lr, w_cl, tau)
 PAIRS = {
@@ -26,8 +27,9 @@ PAIRS = {
 
 
 def get_config(arg=None):
-  args = config_lib.parse_arg(arg, pair='res32x4_res8x4', teacher='', kd=False, baseline=False,
-                              seed=0, smoke=False)
+  args = config_lib.parse_arg(
+      arg, pair='res32x4_res8x4', teacher='', kd=False, baseline=False, seed=0, smoke=False
+  )
   if args['pair'] not in PAIRS:
     raise ValueError(f"pair={args['pair']!r}: use one of {sorted(PAIRS)}.")
   teacher_arch, student_arch, batch, lr, w_cl, tau = PAIRS[args['pair']]
@@ -37,12 +39,14 @@ def get_config(arg=None):
   c.model.arch = student_arch
   c.cohort.num_peers = 1
   c.teacher.arch, c.teacher.checkpoint = teacher_arch, args['teacher']
-  c.method.name = 'independent' if args['baseline'] else 'kd' if args['kd'] else 'ckd'
-  if args['kd']:
-    c.method.gamma, c.method.alpha, c.method.kd_T = 0.1, 0.9, 4.0
+  if args['baseline']:
+    c.method = methods.config('independent')
+  elif args['kd']:
+    c.method = methods.config('kd', ce_weight=0.1, kd_weight=0.9, kd_T=4.0)
   else:
-    c.method.gamma, c.method.beta, c.method.tau = 1.0, w_cl, tau
+    c.method = methods.config('ckd', ce_weight=1.0, ckd_weight=w_cl, tau=tau)
   # CosineAnnealingLR stepped once per epoch.
-  config_lib.set_sgd(c, batch_size=batch, epochs=480, lr=lr, weight_decay=5e-4, nesterov=False,
-                     schedule='cosine')
+  config_lib.set_sgd(
+      c, batch_size=batch, epochs=480, lr=lr, weight_decay=5e-4, nesterov=False, schedule='cosine'
+  )
   return config_lib.finish(c, args['smoke'])

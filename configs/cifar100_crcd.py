@@ -11,7 +11,8 @@ Arguments: pair (a key of PAIRS), teacher (the teacher run's workdir), seed, smo
 Expected student top-1: UNKNOWN (the paper's CIFAR-100 tables were not available); the only
 recovered number is ImageNet ResNet-34 -> ResNet-18 71.96 (not configured here).
 """
-from mcl_jax import config_lib
+
+from mcl_jax import config_lib, methods
 
 # pair: (teacher arch, student arch, lr)
 PAIRS = {
@@ -37,11 +38,27 @@ def get_config(arg=None):
   c.model.arch = student_arch
   c.cohort.num_peers = 1
   c.teacher.arch, c.teacher.checkpoint = teacher_arch, args['teacher']
-  m = c.method
-  m.name = 'crcd'
-  m.gamma, m.alpha, m.beta, m.lam, m.kd_T = 1.0, 0.9, 1.0, 1.0, 4.0
-  m.tau, m.num_negatives, m.memory_momentum, m.embed_dim = 0.05, 500, 0.5, 128
-  m.distill_fraction = 24 / 25  # the last 10 of 250 epochs: CE only
-  config_lib.set_sgd(c, batch_size=64, epochs=250, lr=lr, weight_decay=5e-4, nesterov=False,
-                     schedule='multistep', milestones=(150, 180, 210))
+  c.method = methods.config(
+      'crcd',
+      ce_weight=1.0,
+      kd_weight=0.9,
+      relation_weight=1.0,
+      grad_relation_weight=1.0,
+      kd_T=4.0,
+      tau=0.05,
+      num_negatives=500,
+      memory_momentum=0.5,
+      embed_dim=128,
+      distill_fraction=24 / 25,  # the last 10 of 250 epochs: CE only
+  )
+  config_lib.set_sgd(
+      c,
+      batch_size=64,
+      epochs=250,
+      lr=lr,
+      weight_decay=5e-4,
+      nesterov=False,
+      schedule='multistep',
+      milestones=(150, 180, 210),
+  )
   return config_lib.finish(c, args['smoke'])

@@ -35,12 +35,14 @@ Expected best-peer top-1 (the paper's README; the HCGNet rows need models not in
 | shufflenetv2_1_0, wrn_40_2  | 70.93 & 76.89 | 77.06 & 80.29 |
 Not yet reproduced here (no CIFAR-100 on this machine).
 """
-from mcl_jax import config_lib
+
+from mcl_jax import config_lib, methods
 
 
 def get_config(arg=None):
-  args = config_lib.parse_arg(arg, arch='resnet32', arch2='', meta_grad='exact', seed=0,
-                              smoke=False)
+  args = config_lib.parse_arg(
+      arg, arch='resnet32', arch2='', meta_grad='exact', seed=0, smoke=False
+  )
   c = config_lib.base_config()
   c.seed = args['seed']
   config_lib.set_cifar100(c)
@@ -48,13 +50,12 @@ def get_config(arg=None):
   if args['arch2']:
     c.model.archs = (args['arch'], args['arch2'])
   c.cohort.num_peers = 2
-  c.method.name = 'lmcl'
-  config_lib.set_mcl_weights(c.method, tau=0.1)
-  c.method.meta_every_steps = 50
-  c.method.meta_inner_steps = 2
-  c.method.meta_grad = args['meta_grad']
+  c.method = methods.config(
+      'lmcl', tau=0.1, meta_every_steps=50, meta_inner_steps=2, meta_grad=args['meta_grad']
+  )
   # The authors' code steps the cosine once per epoch (mcl.md §6.7).
-  config_lib.set_sgd(c, batch_size=128, epochs=300, lr=0.1, weight_decay=5e-4, nesterov=True,
-                     schedule='cosine')
+  config_lib.set_sgd(
+      c, batch_size=128, epochs=300, lr=0.1, weight_decay=5e-4, nesterov=True, schedule='cosine'
+  )
   c.method.meta_weight_decay = c.optim.weight_decay
   return config_lib.finish(c, args['smoke'])

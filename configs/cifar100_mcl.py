@@ -24,21 +24,34 @@ Expected best-peer top-1 (the paper's README, mean±std of 3 runs):
 (HCGNet rows are out of scope: no HCGNet in the model zoo.)
 Not yet reproduced here (no CIFAR-100 on this machine); see README.
 """
-from mcl_jax import config_lib
+
+from mcl_jax import config_lib, methods
 
 
 def get_config(arg=None):
-  args = config_lib.parse_arg(arg, arch='resnet32', peers=2, method='mcl', logit_kd=False,
-                              baseline=False, seed=0, smoke=False)
+  args = config_lib.parse_arg(
+      arg,
+      arch='resnet32',
+      peers=2,
+      method='mcl',
+      logit_kd=False,
+      baseline=False,
+      seed=0,
+      smoke=False,
+  )
   c = config_lib.base_config()
   c.seed = args['seed']
   config_lib.set_cifar100(c)
   c.model.arch = args['arch']
   c.cohort.num_peers = 1 if args['baseline'] else args['peers']
-  c.method.name = 'independent' if args['baseline'] else args['method']
-  c.method.logit_kd = args['logit_kd']
-  config_lib.set_mcl_weights(c.method, tau=0.1)
+  if args['baseline']:
+    c.method = methods.config('independent')
+  elif args['method'] == 'mcl':
+    c.method = methods.config('mcl', tau=0.1, logit_kd=args['logit_kd'])
+  else:
+    c.method = methods.config(args['method'])
   # The authors' code steps the cosine once per epoch (mcl.md §6.7).
-  config_lib.set_sgd(c, batch_size=128, epochs=300, lr=0.1, weight_decay=5e-4, nesterov=True,
-                     schedule='cosine')
+  config_lib.set_sgd(
+      c, batch_size=128, epochs=300, lr=0.1, weight_decay=5e-4, nesterov=True, schedule='cosine'
+  )
   return config_lib.finish(c, args['smoke'])

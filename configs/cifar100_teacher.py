@@ -9,6 +9,7 @@ workdir is then the `teacher=` argument of configs/cifar100_ckd.py and configs/c
 (Our resnet110 is the bottleneck variant of the MCL spec, not CRD's basic-block one.)
 Expected top-1: not given by our specs; report the measured number with the student runs.
 """
+
 from mcl_jax import config_lib
 
 
@@ -19,7 +20,14 @@ def get_config(arg=None):
   config_lib.set_cifar100(c)
   c.model.arch = args['arch']
   c.cohort.num_peers = 1
-  c.method.name = 'independent'
-  config_lib.set_sgd(c, batch_size=64, epochs=240, lr=0.05, weight_decay=5e-4, nesterov=False,
-                     schedule='multistep', milestones=(150, 180, 210))
+  config_lib.set_sgd(
+      c,
+      batch_size=64,
+      epochs=240,
+      lr=0.05,
+      weight_decay=5e-4,
+      nesterov=False,
+      schedule='multistep',
+      milestones=(150, 180, 210),
+  )
   return config_lib.finish(c, args['smoke'])

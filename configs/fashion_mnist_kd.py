@@ -19,50 +19,85 @@ student, default resnet8), teacher_arch (default resnet20), teacher (the teacher
 branches (MCL-OKD), epochs, seed, smoke. Add `smoke` to both steps for a one-minute check.
 Expected (README, seeds 0/1/2 on the 2-core CPU, best top-1 %; `results/kd/`): teacher 91.29
 (seed 0); students alone 89.53 +- 0.24, KD 90.31 +- 0.19, CKD 90.07 +- 0.30, CRCD 90.79 +- 0.29;
-MCL-OKD best branch 89.63 +- 0.51 vs the same branches with CE only (`--config.method.alpha=0.0
---config.method.beta=0.0`) 89.70 +- 0.19. All of it: scripts/fashion_mnist_kd_comparison.sh.
+MCL-OKD best branch 89.63 +- 0.51 vs the same branches with CE only (`--config.method.dot_weight=0.0
+--config.method.contrast_weight=0.0`) 89.70 +- 0.19. All of it: scripts/fashion_mnist_kd_comparison.sh.
 """
-from mcl_jax import config_lib
+
+from mcl_jax import config_lib, methods
 
 METHODS = ('independent', 'kd', 'ckd', 'crcd', 'mcl_okd')
 NEEDS_TEACHER = ('kd', 'ckd', 'crcd')
 
 
 def get_config(arg=None):
-  args = config_lib.parse_arg(arg, role='student', method='independent', arch='resnet8',
-                              teacher_arch='resnet20', teacher='', branches=2, epochs=10.0,
-                              seed=0, smoke=False)
+  args = config_lib.parse_arg(
+      arg,
+      role='student',
+      method='independent',
+      arch='resnet8',
+      teacher_arch='resnet20',
+      teacher='',
+      branches=2,
+      epochs=10.0,
+      seed=0,
+      smoke=False,
+  )
   if args['role'] not in ('teacher', 'student'):
     raise ValueError(f"role={args['role']!r}: use role=teacher or role=student.")
   if args['method'] not in METHODS:
     raise ValueError(f"method={args['method']!r}: use one of {METHODS}.")
   c = config_lib.base_config()
   c.seed = args['seed']
-  c.data.name = 'fashion_mnist'
-  c.data.crop_padding = 2
-  config_lib.set_sgd(c, batch_size=128, epochs=args['epochs'], lr=0.1, weight_decay=5e-4,
-                     nesterov=True, schedule='cosine', per_epoch=False)
+  c.data.name = 'fashion_mnist'  # on device: pad-2 random crop + flip (the source's)
+  config_lib.set_sgd(
+      c,
+      batch_size=128,
+      epochs=args['epochs'],
+      lr=0.1,
+      weight_decay=5e-4,
+      nesterov=True,
+      schedule='cosine',
+      per_epoch=False,
+  )
   c.log_every_steps, c.ckpt_every_steps = 50, 500
   c.cohort.num_peers = 1
   method = 'independent' if args['role'] == 'teacher' else args['method']
-  c.method.name = method
   c.model.arch = args['teacher_arch'] if args['role'] == 'teacher' else args['arch']
   if method in NEEDS_TEACHER:
     c.teacher.arch = args['teacher_arch']
     c.teacher.checkpoint = args['teacher']
-  m = c.method
-  if method == 'kd':          # CRD's KD baseline: 0.1 CE + 0.9 KD, T = 4
-    m.gamma, m.alpha, m.kd_T = 0.1, 0.9, 4.0
-  elif method == 'ckd':       # the res56 -> res20 row of the CKD configs
-    m.gamma, m.beta, m.tau = 1.0, 10.0, 1.0
-  elif method == 'crcd':      # CRCD's CIFAR protocol (specs/other-methods.md §3.4) but K = 64:
+  c.method = methods.config(method)
+  if method == 'kd':  # CRD's KD baseline: 0.1 CE + 0.9 KD, T = 4
+    c.method = methods.config(method, ce_weight=0.1, kd_weight=0.9, kd_T=4.0)
+  elif method == 'ckd':  # the res56 -> res20 row of the CKD configs
+    c.method = methods.config(method, ce_weight=1.0, ckd_weight=10.0, tau=1.0)
+  elif method == 'crcd':  # CRCD's CIFAR protocol (specs/other-methods.md §3.4) but K = 64:
     # the relations cost O(B^2 (K+1) F) per side and element; at batch 128 with the protocol's
     # K = 500 the step costs 10.1x the student alone on CPU, with K = 64 2.7x (BENCHMARKS.md §3).
-    m.gamma, m.alpha, m.beta, m.lam, m.kd_T = 1.0, 0.9, 1.0, 1.0, 4.0
-    m.tau, m.num_negatives, m.memory_momentum, m.embed_dim = 0.05, 64, 0.5, 128
-    m.distill_fraction = 24 / 25
-  elif method == 'mcl_okd':   # MCL-OKD's CIFAR defaults (§1.3)
+    c.method = methods.config(
+        method,
+        ce_weight=1.0,
+        kd_weight=0.9,
+        relation_weight=1.0,
+        grad_relation_weight=1.0,
+        kd_T=4.0,
+        tau=0.05,
+        num_negatives=64,
+        memory_momentum=0.5,
+        embed_dim=128,
+        distill_fraction=24 / 25,
+    )
+  elif method == 'mcl_okd':  # MCL-OKD's CIFAR defaults (§1.3)
     c.model.arch = f"{args['arch']}_okd{args['branches']}"
-    m.gamma, m.alpha, m.beta, m.kd_T = 1.0, 1.0, 0.025, 3.0
-    m.tau, m.num_negatives, m.memory_momentum, m.embed_dim = 0.1, 256, 0.5, 128
+    c.method = methods.config(
+        method,
+        ce_weight=1.0,
+        dot_weight=1.0,
+        contrast_weight=0.025,
+        kd_T=3.0,
+        tau=0.1,
+        num_negatives=256,
+        memory_momentum=0.5,
+        embed_dim=128,
+    )
   return config_lib.finish(c, args['smoke'])

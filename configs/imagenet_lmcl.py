@@ -19,32 +19,47 @@ ResNet-50 76.28 -> 78.35; ResNet-18 & ResNet-50 69.95 & 76.28 -> 71.69 & 77.34 (
 rows need the ImageNet ShuffleNetV2, not in mcl_jax.models: its CIFAR variant is). Not reproduced
 here (no ImageNet on this machine).
 """
-from mcl_jax import config_lib
+
+from mcl_jax import config_lib, methods
 
 
 def get_config(arg=None):
-  args = config_lib.parse_arg(arg, arch='resnet34', arch2='', meta_grad='exact', seed=0,
-                              smoke=False)
+  args = config_lib.parse_arg(
+      arg, arch='resnet34', arch2='', meta_grad='exact', seed=0, smoke=False
+  )
   c = config_lib.base_config()
   c.seed = args['seed']
-  c.data.name = 'imagenet2012'
-  c.data.crop_padding = 0
+  c.data.name = 'imagenet2012'  # RandomResizedCrop + flip on the host; nothing on device
   c.data.eval_batch_size = 500
   c.model.arch = args['arch']
   if args['arch2']:
     c.model.archs = (args['arch'], args['arch2'])
   c.model.dtype = 'bfloat16'
   c.cohort.num_peers = 2
-  c.method.name = 'lmcl'
-  c.method.branch_blocks = 1
-  config_lib.set_mcl_weights(c.method, tau=0.07, alpha=0.01, beta=0.01)
-  c.method.meta_every_steps = 500
-  c.method.meta_inner_steps = 2
-  c.method.meta_grad = args['meta_grad']
-  c.method.memory_bank = True
-  c.method.num_positives, c.method.num_negatives, c.method.memory_momentum = 1, 8192, 0.5
-  config_lib.set_sgd(c, batch_size=256, epochs=100, lr=0.1, weight_decay=1e-4, nesterov=True,
-                     schedule='multistep', milestones=(30, 60, 90))
+  c.method = methods.config(
+      'lmcl',
+      branch_blocks=1,
+      tau=0.07,
+      alpha=0.01,
+      beta=0.01,
+      meta_every_steps=500,
+      meta_inner_steps=2,
+      meta_grad=args['meta_grad'],
+      memory_bank=True,
+      num_positives=1,
+      num_negatives=8192,
+      memory_momentum=0.5,
+  )
+  config_lib.set_sgd(
+      c,
+      batch_size=256,
+      epochs=100,
+      lr=0.1,
+      weight_decay=1e-4,
+      nesterov=True,
+      schedule='multistep',
+      milestones=(30, 60, 90),
+  )
   c.method.meta_weight_decay = c.optim.weight_decay
   c.log_every_steps, c.ckpt_every_steps, c.eval_every_steps = 100, 2000, 5000
   return config_lib.finish(c, args['smoke'])

@@ -9,31 +9,40 @@ logit_kd, seed, smoke.
 
 Expected top-1 (the paper's README): ResNet-18 69.76 -> 70.32 (x2), 70.77 (x4), 70.82 (x4+KD);
 ResNet-34 73.30 -> 74.13 (x2), 74.34 (x4). Not reproduced here (no ImageNet on this machine).
-Training streams ImageNet through grain (`mcl_jax.data.imagenet_iterator`, sharded per process);
+Training streams ImageNet through grain (`mcl_jax/data/streaming.py`, sharded per process);
 the memory bank's class index reads the training labels once and caches them in the workdir.
 """
-from mcl_jax import config_lib
+
+from mcl_jax import config_lib, methods
 
 
 def get_config(arg=None):
   args = config_lib.parse_arg(arg, arch='resnet18', peers=2, logit_kd=False, seed=0, smoke=False)
   c = config_lib.base_config()
   c.seed = args['seed']
-  c.data.name = 'imagenet2012'
-  c.data.crop_padding = 0   # RandomResizedCrop + flip run on the host (grain), not on device
-  c.data.flip = False
+  c.data.name = 'imagenet2012'  # RandomResizedCrop + flip on the host; nothing on device
   c.data.eval_batch_size = 500
   c.model.arch = args['arch']
   c.model.dtype = 'bfloat16'
   c.cohort.num_peers = args['peers']
-  c.method.name = 'mcl'
-  c.method.memory_bank = True
-  c.method.num_positives = 1
-  c.method.num_negatives = 8192
-  c.method.memory_momentum = 0.5
-  c.method.logit_kd = args['logit_kd']
-  config_lib.set_mcl_weights(c.method, tau=0.07)
-  config_lib.set_sgd(c, batch_size=256, epochs=90, lr=0.1, weight_decay=1e-4, nesterov=True,
-                     schedule='multistep', milestones=(30, 60))
+  c.method = methods.config(
+      'mcl',
+      tau=0.07,
+      memory_bank=True,
+      num_positives=1,
+      num_negatives=8192,
+      memory_momentum=0.5,
+      logit_kd=args['logit_kd'],
+  )
+  config_lib.set_sgd(
+      c,
+      batch_size=256,
+      epochs=90,
+      lr=0.1,
+      weight_decay=1e-4,
+      nesterov=True,
+      schedule='multistep',
+      milestones=(30, 60),
+  )
   c.log_every_steps, c.ckpt_every_steps, c.eval_every_steps = 100, 2000, 5000
   return config_lib.finish(c, args['smoke'])

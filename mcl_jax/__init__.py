@@ -1,3 +1,3 @@
 """mcl_jax: mutual contrastive learning and contrastive knowledge distillation in JAX/Flax."""
 
-__version__ = "0.1.0"
+__version__ = '0.1.0'

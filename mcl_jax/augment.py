@@ -19,8 +19,9 @@ def normalize(images_uint8: jax.Array, mean: Sequence[float], std: Sequence[floa
   return (images_uint8.astype(jnp.float32) / 255.0 - mean) / std
 
 
-def augment_params(rng: jax.Array, batch_size: int, *, pad: int = 4,
-                   flip: bool = True) -> tuple[jax.Array, jax.Array]:
+def augment_params(
+    rng: jax.Array, batch_size: int, *, pad: int = 4, flip: bool = True
+) -> tuple[jax.Array, jax.Array]:
   """The random choices of :func:`augment_batch` for ``rng``.
 
   Returns:
@@ -37,8 +38,15 @@ def augment_params(rng: jax.Array, batch_size: int, *, pad: int = 4,
   return offsets, flips
 
 
-def augment_batch(images_uint8: jax.Array, rng: jax.Array, *, mean: Sequence[float],
-                  std: Sequence[float], pad: int = 4, flip: bool = True) -> jax.Array:
+def augment_batch(
+    images_uint8: jax.Array,
+    rng: jax.Array,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    pad: int = 4,
+    flip: bool = True,
+) -> jax.Array:
   """Random crop with zero padding + random horizontal flip, then :func:`normalize`.
 
   As torchvision's ``RandomCrop(H, padding=pad)`` + ``RandomHorizontalFlip()``: each image is
@@ -61,8 +69,9 @@ def augment_batch(images_uint8: jax.Array, rng: jax.Array, *, mean: Sequence[flo
   padded = jnp.pad(images_uint8, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
 
   def crop_and_flip(image, offset, flipped):
-    window = jax.lax.dynamic_slice(image, (offset[0], offset[1], jnp.zeros_like(offset[0])),
-                                   (height, width, channels))
+    window = jax.lax.dynamic_slice(
+        image, (offset[0], offset[1], jnp.zeros_like(offset[0])), (height, width, channels)
+    )
     return jnp.where(flipped, window[:, ::-1], window)
 
   crops = jax.vmap(crop_and_flip)(padded, offsets, flips)

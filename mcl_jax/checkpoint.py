@@ -5,6 +5,7 @@ Layout under `<workdir>/checkpoints/`: `latest/<step>/` (kept: `keep` newest) an
 (JSON: the run's identity, progress and a checksum per state leaf). The data position needs no
 saving: batches are a pure function of (seed, step).
 """
+
 from __future__ import annotations
 
 import logging
@@ -60,8 +61,9 @@ def _short(e: Exception) -> str:
 
 
 def _manager(directory: str, max_to_keep: int, async_save: bool) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                         enable_async_checkpointing=async_save)
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save
+  )
   return ocp.CheckpointManager(directory, options=options, item_names=('state', 'meta'))
 
 
@@ -118,9 +120,10 @@ class Checkpointer:
       return restored
     raise CheckpointError(
         f'None of the checkpoints in {self.latest.directory} (steps {steps}) can be restored:\n  '
-        + '\n  '.join(problems) +
-        '\nThe workdir holds a run, so it is not overwritten. Use a new --workdir, or move the '
-        'checkpoints directory away to start over.')
+        + '\n  '.join(problems)
+        + '\nThe workdir holds a run, so it is not overwritten. Use a new --workdir, or move the '
+        'checkpoints directory away to start over.'
+    )
 
   def restore(self, step: int, abstract_state) -> tuple[Any, dict]:
     """The checkpoint of `step` (latest series, else best) as (state, meta); CheckpointError if
@@ -154,16 +157,19 @@ class Checkpointer:
       raise UnrestorableCheckpoint(f'{where}: unreadable metadata ({_short(e)})') from e
     self._check_identity(step, meta)
     try:
-      state = manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state)))['state']
+      state = manager.restore(
+          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+      )['state']
     except Exception as e:  # pylint: disable=broad-except
       raise UnrestorableCheckpoint(f'{where}: unreadable state ({_short(e)})') from e
     expected = meta.get('checksums')
     if expected is not None:
       bad = [path for path, value in checksums(state).items() if expected.get(path) != value]
       if bad:
-        raise UnrestorableCheckpoint(f'{where}: corrupted data, checksum mismatch in {len(bad)} '
-                                     f'arrays ({", ".join(bad[:3])}{", ..." * (len(bad) > 3)})')
+        raise UnrestorableCheckpoint(
+            f'{where}: corrupted data, checksum mismatch in {len(bad)} '
+            f'arrays ({", ".join(bad[:3])}{", ..." * (len(bad) > 3)})'
+        )
     return state, meta
 
   def reached_preemption(self, step: int) -> bool:
@@ -175,12 +181,14 @@ class Checkpointer:
     saved = meta.get('identity', {})
     diffs = {k: (saved.get(k), v) for k, v in self.identity.items() if saved.get(k) != v}
     if diffs:
-      described = ', '.join(f'{k}: checkpoint has {a!r}, config asks for {b!r}'
-                            for k, (a, b) in diffs.items())
+      described = ', '.join(
+          f'{k}: checkpoint has {a!r}, config asks for {b!r}' for k, (a, b) in diffs.items()
+      )
       raise CheckpointError(
           f'The checkpoint at step {step} in {self.latest.directory} belongs to a different run '
           f'({described}). Use a new --workdir for this config, or rerun with the config that '
-          f'wrote it.')
+          f'wrote it.'
+      )
 
   def close(self) -> None:
     self.wait()

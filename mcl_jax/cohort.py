@@ -20,6 +20,7 @@ Both this and leaving the stacked cohort to jit's partitioner (`mesh.peer_shard_
 the 1-device run (tests/test_sharding.py); on 8 fake CPU devices the shard_map program was
 1.5-6.1x faster (BENCHMARKS.md §4), so it is the default.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,6 +31,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
+
+from mcl_jax import models, sharding
 
 STRATEGIES = ('auto', 'vmap', 'unroll')
 
@@ -56,15 +59,19 @@ def stack_trees(trees: Sequence[Any]):
 
 @dataclasses.dataclass(frozen=True)
 class PeerGroup:
-  """`num_peers` peers of one architecture."""
+  """`num_peers` peers of one architecture; a multi-branch model (MCL-OKD) has `num_branches`
+  > 1 and its outputs carry a branch axis."""
+
   model: nn.Module
   num_peers: int
   arch: str
+  num_branches: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
 class Cohort:
   """A cohort of peer networks. Pure: holds no variables, only how to make and apply them."""
+
   groups: tuple[PeerGroup, ...]
   strategy: str  # resolved: 'vmap' or 'unroll'
   mesh: Any = None  # a ('data', 'peer') Mesh: groups are split over 'peer' by shard_map
@@ -76,6 +83,10 @@ class Cohort:
   @property
   def feature_dims(self) -> tuple[int, ...]:
     return tuple(g.model.feature_dim for g in self.groups)
+
+  def layout(self, params, batch_stats):
+    """Every peer variable is stacked on its leading peer axis (see mcl_jax.sharding)."""
+    return sharding.same_placement((params, batch_stats), sharding.PEER)
 
   def init(self, rng, sample_images):
     """Independently initialised peers. Returns (params, batch_stats), tuples over groups."""
@@ -101,13 +112,15 @@ class Cohort:
     """
     group_outputs, new_stats = [], []
     for group, p, bs in zip(self.groups, params, batch_stats):
-      out, stats = apply_group(group.model, p, bs, images, train=train, strategy=self.strategy,
-                               mesh=self.mesh)
+      out, stats = apply_group(
+          group.model, p, bs, images, train=train, strategy=self.strategy, mesh=self.mesh
+      )
       group_outputs.append(out)
       new_stats.append(stats)
     # A multi-branch model's logits [K_g, M, B, C] count as K_g * M peers (MCL-OKD's branches).
-    logits = jnp.concatenate([o['logits'].reshape((-1,) + o['logits'].shape[-2:])
-                              for o in group_outputs], axis=0)
+    logits = jnp.concatenate(
+        [o['logits'].reshape((-1,) + o['logits'].shape[-2:]) for o in group_outputs], axis=0
+    )
     return {'logits': logits, 'groups': tuple(group_outputs)}, tuple(new_stats)
 
 
@@ -119,27 +132,48 @@ def peer_axis_size(mesh, num_peers: int) -> int:
   return peer if peer > 1 and num_peers % peer == 0 else 1
 
 
-def apply_group(model: nn.Module, params, batch_stats, images, *, train: bool, strategy: str,
-                per_peer_inputs: bool = False, mesh=None):
+def apply_group(
+    model: nn.Module,
+    params,
+    batch_stats,
+    images,
+    *,
+    train: bool,
+    strategy: str,
+    per_peer_inputs: bool = False,
+    mesh=None,
+):
   """Applies K_g stacked peers of one architecture. Returns (outputs `[K_g, ...]`, batch_stats).
 
   images: `[B, ...]` shared by all peers, or with `per_peer_inputs` `[K_g, B, ...]`, one input per
   peer (e.g. L-MCL's auxiliary branches on each peer's own stage map).
   mesh: with a 'peer' axis that divides K_g, each device applies its local peers (shard_map).
   """
-  local = functools.partial(apply_local_peers, model, train=train, strategy=strategy,
-                            per_peer_inputs=per_peer_inputs)
+  local = functools.partial(
+      apply_local_peers, model, train=train, strategy=strategy, per_peer_inputs=per_peer_inputs
+  )
   num_peers = jax.tree.leaves(params)[0].shape[0]
   if peer_axis_size(mesh, num_peers) == 1:
     return local(params, batch_stats, images)
   return jax.shard_map(
-      local, mesh=mesh, axis_names={'peer'},
+      local,
+      mesh=mesh,
+      axis_names={'peer'},
       in_specs=(P('peer'), P('peer'), P('peer') if per_peer_inputs else P()),
-      out_specs=P('peer'))(params, batch_stats, images)
+      out_specs=P('peer'),
+  )(params, batch_stats, images)
 
 
-def apply_local_peers(model: nn.Module, params, batch_stats, images, *, train: bool,
-                      strategy: str, per_peer_inputs: bool):
+def apply_local_peers(
+    model: nn.Module,
+    params,
+    batch_stats,
+    images,
+    *,
+    train: bool,
+    strategy: str,
+    per_peer_inputs: bool,
+):
   """`apply_group` on one device's (or the whole) stack of peers, with `strategy`."""
 
   def apply_one(p, bs, x):
@@ -151,31 +185,69 @@ def apply_local_peers(model: nn.Module, params, batch_stats, images, *, train: b
 
   if strategy == 'vmap':
     return jax.vmap(apply_one, in_axes=(0, 0, 0 if per_peer_inputs else None))(
-        params, batch_stats, images)
+        params, batch_stats, images
+    )
   if strategy == 'unroll':
     num_peers = jax.tree.leaves(params)[0].shape[0]
-    per_peer = [apply_one(peer_slice(params, k), peer_slice(batch_stats, k),
-                          images[k] if per_peer_inputs else images)
-                for k in range(num_peers)]
+    per_peer = [
+        apply_one(
+            peer_slice(params, k),
+            peer_slice(batch_stats, k),
+            images[k] if per_peer_inputs else images,
+        )
+        for k in range(num_peers)
+    ]
     return stack_trees(per_peer)
   raise ValueError(f'unresolved cohort strategy {strategy!r}')
+
+
+def problems(model_config, cohort_config) -> list[str]:
+  """What is wrong with the `model` and `cohort` config sections, one line each."""
+  found = []
+  if cohort_config.num_peers < 1:
+    found.append(f'cohort.num_peers={cohort_config.num_peers!r}: must be >= 1')
+  if cohort_config.strategy not in STRATEGIES:
+    found.append(f'cohort.strategy={cohort_config.strategy!r}: must be one of {STRATEGIES}')
+  key = 'model.archs' if model_config.archs else 'model.arch'
+  for arch in list(model_config.archs) or [model_config.arch]:
+    if arch not in models.names():
+      found.append(
+          f'{key}={arch!r}: must be a registered model, one of {models.names()} '
+          '(or register yours with mcl_jax.models.register)'
+      )
+  if model_config.archs and len(model_config.archs) != cohort_config.num_peers:
+    found.append(
+        f'cohort.num_peers={cohort_config.num_peers!r}: must equal '
+        f'len(model.archs)={len(model_config.archs)} for a heterogeneous cohort'
+    )
+  if model_config.dtype not in DTYPES:
+    found.append(
+        f"model.dtype={model_config.dtype!r}: must be 'float32' or 'bfloat16' ('float64' with "
+        'jax_enable_x64, for exactness tests)'
+    )
+  elif model_config.dtype == 'float64' and not jax.config.jax_enable_x64:
+    found.append("model.dtype='float64': needs jax.config.update('jax_enable_x64', True) first")
+  return found
+
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float64': jnp.float64}
+
+
+def peer_archs(model_config, cohort_config) -> tuple[str, ...]:
+  """One arch per peer: `model.arch` x `cohort.num_peers`, or `model.archs`."""
+  return tuple(model_config.get('archs') or [model_config.arch] * cohort_config.num_peers)
 
 
 def build_cohort(model_config, cohort_config, num_classes: int, backend: str | None = None):
   """Cohort from config: `model.arch` × `cohort.num_peers`, or `model.archs` (one peer each,
   consecutive equal archs grouped) for heterogeneous cohorts."""
-  from mcl_jax import models  # local: keeps cohort importable without the model zoo
-
-  archs = list(model_config.get('archs') or [])
-  if not archs:
-    archs = [model_config.arch] * cohort_config.num_peers
   # float64 (with jax_enable_x64) is for exactness tests: tests/sharding_equivalence.py.
-  dtype = {'bfloat16': jnp.bfloat16, 'float64': jnp.float64}.get(
-      model_config.get('dtype', 'float32'), jnp.float32)
+  dtype = DTYPES[model_config.get('dtype', 'float32')]
   groups: list[PeerGroup] = []
-  for arch in archs:
+  for arch in peer_archs(model_config, cohort_config):
     if groups and groups[-1].arch == arch:
       groups[-1] = dataclasses.replace(groups[-1], num_peers=groups[-1].num_peers + 1)
     else:
-      groups.append(PeerGroup(models.get_model(arch, num_classes, dtype=dtype), 1, arch))
+      model = models.get_model(arch, num_classes, dtype=dtype)
+      groups.append(PeerGroup(model, 1, arch, models.spec(arch).num_branches))
   return Cohort(tuple(groups), resolve_strategy(cohort_config.strategy, backend))

@@ -6,6 +6,7 @@ and the metrics under the names of `metrics.jsonl`: `eval/peer_<k>/top1`, `eval/
 `eval/ensemble/top1`, `eval/best_peer/top1`. On the test split these equal the values logged at
 that step.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,10 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a run was trained with (`<workdir>/config.json`, written by `train.run`)."""
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
-    raise FileNotFoundError(f'{path} does not exist: --workdir must be a directory written by '
-                            f'`python -m mcl_jax.main`.')
+    raise FileNotFoundError(
+        f'{path} does not exist: --workdir must be a directory written by '
+        f'`python -m mcl_jax.main`.'
+    )
   with open(path) as f:
     return ml_collections.ConfigDict(json.load(f))
 
@@ -40,12 +43,14 @@ def restore(workdir: str, step: int | None = None):
   ckpt = ckpt_lib.Checkpointer(workdir, train.run_identity(config), async_save=False)
   try:
     abstract = exp.abstract_state_with_shardings()
-    restored = (ckpt.restore_latest(abstract) if step is None else ckpt.restore(step, abstract))
+    restored = ckpt.restore_latest(abstract) if step is None else ckpt.restore(step, abstract)
   finally:
     ckpt.close()
   if restored is None:
-    raise ckpt_lib.CheckpointError(f'{workdir} holds no checkpoint yet; train first with '
-                                   f'`python -m mcl_jax.main --workdir {workdir} ...`.')
+    raise ckpt_lib.CheckpointError(
+        f'{workdir} holds no checkpoint yet; train first with '
+        f'`python -m mcl_jax.main --workdir {workdir} ...`.'
+    )
   return exp, restored[0]
 
 

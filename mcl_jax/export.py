@@ -16,6 +16,7 @@ optimizer or method state is needed to use it:
 
 (`augment.normalize` is `(images / 255 - mean) / std` per channel.)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,9 @@ def peer_variables(cohort, state, k: int) -> tuple[str, dict]:
       variables = {'params': state.params['peers'][g], 'batch_stats': state.batch_stats[g]}
       return group.arch, jax.device_get(peer_slice(variables, k - first))
     first += group.num_peers
-  raise ValueError(f'--peer={k}: the cohort has peers 0..{cohort.num_peers - 1}; pass one of them '
-                   f'or `all`.')
+  raise ValueError(
+      f'--peer={k}: the cohort has peers 0..{cohort.num_peers - 1}; pass one of them ' f'or `all`.'
+  )
 
 
 def export(workdir: str, peer: str, out: str, step: int | None = None) -> list[int]:
@@ -51,9 +53,15 @@ def export(workdir: str, peer: str, out: str, step: int | None = None) -> list[i
     raise ValueError(f'--peer={peer!r}: must be a peer index (0, 1, ...) or `all`.')
   exp, state = evaluate.restore(workdir, step)
   peers = range(exp.cohort.num_peers) if peer == 'all' else [int(peer)]
-  payload = {'format': FORMAT, 'step': int(state.step), 'num_classes': exp.train_data.num_classes,
-             'dtype': exp.config.model.dtype, 'mean': np.asarray(exp.train_data.mean, np.float32),
-             'std': np.asarray(exp.train_data.std, np.float32), 'peers': {}}
+  payload = {
+      'format': FORMAT,
+      'step': int(state.step),
+      'num_classes': exp.train_data.num_classes,
+      'dtype': exp.config.model.dtype,
+      'mean': np.asarray(exp.train_data.mean, np.float32),
+      'std': np.asarray(exp.train_data.std, np.float32),
+      'peers': {},
+  }
   for k in peers:
     arch, variables = peer_variables(exp.cohort, state, k)
     payload['peers'][str(k)] = {'arch': arch, **variables}
@@ -66,8 +74,10 @@ def _read(path: str) -> dict:
   with open(path, 'rb') as f:
     payload = flax.serialization.msgpack_restore(f.read())
   if payload.get('format') != FORMAT:
-    raise ValueError(f'{path} is not a peer file written by `python -m mcl_jax.export` '
-                     f'(format {payload.get("format")!r}, expected {FORMAT!r}).')
+    raise ValueError(
+        f'{path} is not a peer file written by `python -m mcl_jax.export` '
+        f'(format {payload.get("format")!r}, expected {FORMAT!r}).'
+    )
   return payload
 
 

@@ -1,4 +1,5 @@
 """Projection / embedding heads applied to the peers' pooled features."""
+
 from __future__ import annotations
 
 import flax.linen as nn
@@ -13,6 +14,7 @@ class EmbeddingHead(nn.Module):
 
   `[B, d] -> [B, dim]`, rows of unit norm. Applied in training only; evaluation uses the classifier.
   """
+
   dim: int = 128
   hidden: int = 128
 
@@ -27,6 +29,7 @@ class LinearEmbeddingHead(nn.Module):
 
   `[B, d] -> [B, dim]`, rows of unit norm.
   """
+
   dim: int = 128
 
   @nn.compact

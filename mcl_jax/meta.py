@@ -1,4 +1,4 @@
-"""Meta-optimisation through unrolled virtual SGD steps (L-MCL, ../shared/specs/mcl.md §3.2).
+"""Meta-optimisation through unrolled virtual SGD steps (L-MCL, docs/methods.md#l-mcl-meta-step).
 
 Pure functions of pytrees. `theta` are the parameters the virtual steps move, `phi` the
 meta-parameters (L-MCL's layer-matching network); `inner_loss(theta, phi)` and `outer_loss(theta)`
@@ -15,6 +15,7 @@ leaf moved in every step: leaves an objective does not touch move by weight deca
 `weight_decay` is a scalar for every leaf, or a pytree like theta giving each leaf its own (0 for
 the leaves the real optimizer's `optim.wd_mask` spares, so the virtual steps mirror it).
 """
+
 from __future__ import annotations
 
 import functools
@@ -114,15 +115,30 @@ def virtual_sgd_step(theta, velocity, grad, *, lr, weight_decay, momentum):
 
   Returns (theta', v'). Differentiable in every argument. weight_decay: scalar or per-leaf pytree.
   """
-  velocity = jax.tree.map(lambda v, g, t, wd: momentum * v + g + wd * t,
-                          velocity, grad, theta, per_leaf(weight_decay, theta))
+  velocity = jax.tree.map(
+      lambda v, g, t, wd: momentum * v + g + wd * t,
+      velocity,
+      grad,
+      theta,
+      per_leaf(weight_decay, theta),
+  )
   return _axpy(-lr, velocity, theta), velocity
 
 
-def unrolled_outer_loss(phi, theta0, inner_loss: InnerLoss, outer_loss: OuterLoss, *, lr,
-                        weight_decay, momentum: float, inner_steps: int,
-                        remat: bool = True, unroll: bool = True,
-                        second_order: str = 'reverse_over_forward'):
+def unrolled_outer_loss(
+    phi,
+    theta0,
+    inner_loss: InnerLoss,
+    outer_loss: OuterLoss,
+    *,
+    lr,
+    weight_decay,
+    momentum: float,
+    inner_steps: int,
+    remat: bool = True,
+    unroll: bool = True,
+    second_order: str = 'reverse_over_forward',
+):
   """outer_loss(theta_{inner_steps+1}(phi)): the hyper-objective, differentiable in phi.
 
   unroll: the inner steps as a `lax.scan` with `unroll=True`, i.e. straight-line code. As a
@@ -141,13 +157,23 @@ def unrolled_outer_loss(phi, theta0, inner_loss: InnerLoss, outer_loss: OuterLos
   @maybe_remat
   def inner_step(carry, _):
     theta, velocity = carry
-    return virtual_sgd_step(theta, velocity, inner_grad(theta, phi), lr=lr,
-                            weight_decay=weight_decay, momentum=momentum), None
+    return (
+        virtual_sgd_step(
+            theta,
+            velocity,
+            inner_grad(theta, phi),
+            lr=lr,
+            weight_decay=weight_decay,
+            momentum=momentum,
+        ),
+        None,
+    )
 
   @maybe_remat
   def outer_step(theta, velocity):
-    return virtual_sgd_step(theta, velocity, outer_grad(theta), lr=lr,
-                            weight_decay=weight_decay, momentum=momentum)
+    return virtual_sgd_step(
+        theta, velocity, outer_grad(theta), lr=lr, weight_decay=weight_decay, momentum=momentum
+    )
 
   carry = (theta0, jax.tree.map(jnp.zeros_like, theta0))
   (theta, velocity), _ = jax.lax.scan(inner_step, carry, None, length=inner_steps, unroll=unroll)
@@ -155,10 +181,21 @@ def unrolled_outer_loss(phi, theta0, inner_loss: InnerLoss, outer_loss: OuterLos
   return outer_loss(theta)
 
 
-def hypergradient(phi, theta0, inner_loss: InnerLoss, outer_loss: OuterLoss, *, lr,
-                  weight_decay, momentum: float, inner_steps: int, mode: str = 'exact',
-                  remat: bool = True, unroll: bool = True,
-                  second_order: str = 'reverse_over_forward'):
+def hypergradient(
+    phi,
+    theta0,
+    inner_loss: InnerLoss,
+    outer_loss: OuterLoss,
+    *,
+    lr,
+    weight_decay,
+    momentum: float,
+    inner_steps: int,
+    mode: str = 'exact',
+    remat: bool = True,
+    unroll: bool = True,
+    second_order: str = 'reverse_over_forward',
+):
   """G_phi = d outer_loss(theta_{inner_steps+1}) / d phi, a pytree like phi.
 
   mode 'exact': nested `jax.grad` of `unrolled_outer_loss` (second order through every step).
@@ -167,23 +204,51 @@ def hypergradient(phi, theta0, inner_loss: InnerLoss, outer_loss: OuterLoss, *, 
     weight_decay. For inner_steps = 0 or 1 it equals 'exact'; for inner_steps = 2 exactly
         G_official - G_exact = (1 - wd) * momentum * lr^2 * J_1^T grad outer_loss(theta_3),
     J_1 = d/dphi grad_theta inner_loss(theta_0, phi), i.e. ~lr * momentum relative
-    (mcl.md §3.2 step 4, §6.6).
+    (docs/methods.md#l-mcl-hyper-gradient-exact-vs-official).
   """
   if mode == 'exact':
-    return jax.grad(unrolled_outer_loss)(phi, theta0, inner_loss, outer_loss, lr=lr,
-                                         weight_decay=weight_decay, momentum=momentum,
-                                         inner_steps=inner_steps, remat=remat, unroll=unroll,
-                                         second_order=second_order)
+    return jax.grad(unrolled_outer_loss)(
+        phi,
+        theta0,
+        inner_loss,
+        outer_loss,
+        lr=lr,
+        weight_decay=weight_decay,
+        momentum=momentum,
+        inner_steps=inner_steps,
+        remat=remat,
+        unroll=unroll,
+        second_order=second_order,
+    )
   if mode == 'official':
-    return _adjoint_hypergradient(phi, theta0, inner_loss, outer_loss, lr=lr,
-                                  weight_decay=weight_decay, momentum=momentum,
-                                  inner_steps=inner_steps, coupling=1.0,
-                                  second_order=second_order)
+    return _adjoint_hypergradient(
+        phi,
+        theta0,
+        inner_loss,
+        outer_loss,
+        lr=lr,
+        weight_decay=weight_decay,
+        momentum=momentum,
+        inner_steps=inner_steps,
+        coupling=1.0,
+        second_order=second_order,
+    )
   raise ValueError(f'meta_grad mode {mode!r} is not one of {MODES}.')
 
 
-def _adjoint_hypergradient(phi, theta0, inner_loss, outer_loss, *, lr, weight_decay, momentum,
-                           inner_steps, coupling, second_order='reverse_over_forward'):
+def _adjoint_hypergradient(
+    phi,
+    theta0,
+    inner_loss,
+    outer_loss,
+    *,
+    lr,
+    weight_decay,
+    momentum,
+    inner_steps,
+    coupling,
+    second_order='reverse_over_forward',
+):
   """Reverse recursion over the recorded trajectory with Hessian-vector products by `jax.vjp`.
 
   Adjoints a0 (params) = grad outer_loss(theta_last), a1 (momentum buffer) = 0; for n = last .. 1:
@@ -197,8 +262,9 @@ def _adjoint_hypergradient(phi, theta0, inner_loss, outer_loss, *, lr, weight_de
   theta, velocity, pre_step = theta0, jax.tree.map(jnp.zeros_like, theta0), []
   for grad_fn in grad_fns:
     pre_step.append(theta)
-    theta, velocity = virtual_sgd_step(theta, velocity, grad_fn(theta, phi), lr=lr,
-                                       weight_decay=weight_decay, momentum=momentum)
+    theta, velocity = virtual_sgd_step(
+        theta, velocity, grad_fn(theta, phi), lr=lr, weight_decay=weight_decay, momentum=momentum
+    )
   a0 = jax.grad(outer_loss)(theta)
   a1 = jax.tree.map(jnp.zeros_like, a0)
   g_phi = jax.tree.map(jnp.zeros_like, phi)
@@ -207,8 +273,14 @@ def _adjoint_hypergradient(phi, theta0, inner_loss, outer_loss, *, lr, weight_de
     _, vjp = jax.vjp(grad_fn, theta_prev, phi)
     hessian_u, cross_u = vjp(u)
     g_phi = jax.tree.map(jnp.add, g_phi, cross_u)
-    a0 = jax.tree.map(lambda x0, x1, hu, wd, c: (1 - lr * wd) * x0 + c * x1 + hu,
-                      a0, a1, hessian_u, per_leaf(weight_decay, a0), per_leaf(coupling, a0))
+    a0 = jax.tree.map(
+        lambda x0, x1, hu, wd, c: (1 - lr * wd) * x0 + c * x1 + hu,
+        a0,
+        a1,
+        hessian_u,
+        per_leaf(weight_decay, a0),
+        per_leaf(coupling, a0),
+    )
     a1 = jax.tree.map(lambda x: momentum * x, u)
   return g_phi
 
@@ -216,8 +288,9 @@ def _adjoint_hypergradient(phi, theta0, inner_loss, outer_loss, *, lr, weight_de
 def meta_optimizer(weight_decay: float, momentum: float) -> optax.GradientTransformation:
   """phi's persistent optimizer without the learning rate: coupled weight decay + Nesterov
   momentum (torch.optim.SGD(nesterov=True)); apply as `phi - lr * updates`."""
-  return optax.chain(optax.add_decayed_weights(weight_decay),
-                     optax.trace(decay=momentum, nesterov=True))
+  return optax.chain(
+      optax.add_decayed_weights(weight_decay), optax.trace(decay=momentum, nesterov=True)
+  )
 
 
 def meta_sgd_update(phi, grads, opt_state, lr, *, weight_decay: float, momentum: float):

@@ -1,4 +1,5 @@
 """Metrics: one JSON line per logged step (always), TensorBoard event files, a progress line."""
+
 from __future__ import annotations
 
 import json
@@ -25,6 +26,7 @@ class MetricWriter:
     self._truncate_after(resume_step)
     try:
       from tensorboardX import SummaryWriter  # optional at run time, a dependency of the package
+
       self._tb = SummaryWriter(logdir=workdir, flush_secs=30)
     except ImportError:  # pragma: no cover
       logging.warning('tensorboardX is not installed; writing metrics.jsonl only.')
@@ -84,8 +86,10 @@ class Progress:
     out = {}
     if self._last_time is not None and step > self._last_step:
       sec_per_step = (now - self._last_time) / (step - self._last_step)
-      out = {'train/img_per_s': self.batch_size / sec_per_step,
-             'train/eta_s': sec_per_step * (self.total_steps - step)}
+      out = {
+          'train/img_per_s': self.batch_size / sec_per_step,
+          'train/eta_s': sec_per_step * (self.total_steps - step),
+      }
     self.mark(step)
     return out
 

@@ -2,6 +2,7 @@
 
 Durations are given in epochs (the user's unit) and converted to steps here, in one place.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,12 +29,14 @@ def scaled_lr(optim_config, batch_size: int | None = None) -> float:
   raise ValueError(f"optim.lr_scaling={rule!r} is not one of 'none', 'linear'.")
 
 
-def make_schedule(optim_config, total_steps: int, steps_per_epoch: int,
-                  batch_size: int | None = None) -> optax.Schedule:
+def make_schedule(
+    optim_config, total_steps: int, steps_per_epoch: int, batch_size: int | None = None
+) -> optax.Schedule:
   """Learning rate as a function of the global step.
 
   `cosine`:    lr * 0.5 * (1 + cos(pi * t / T)). With `per_epoch=True` (the authors' code), t is the
-               epoch index, so the rate is constant within an epoch (mcl.md §6.7).
+               epoch index, so the rate is constant within an epoch
+               (docs/methods.md#learning-rate-schedule).
   `multistep`: lr * decay_factor ** (number of `milestones` (epochs) passed).
   `constant`:  lr.
   Optional linear warm-up over `warmup_epochs`.
@@ -50,21 +53,27 @@ def make_schedule(optim_config, total_steps: int, steps_per_epoch: int,
     return step.astype(jnp.float32), max(float(total_steps), 1.0)
 
   if name == 'cosine':
+
     def schedule(step):
       t, horizon = progress_unit(jnp.asarray(step))
       return base_lr * 0.5 * (1.0 + jnp.cos(math.pi * t / horizon))
+
   elif name == 'multistep':
-    boundaries = jnp.asarray([epochs_to_steps(e, steps_per_epoch) for e in optim_config.milestones],
-                             jnp.int32)
+    boundaries = jnp.asarray(
+        [epochs_to_steps(e, steps_per_epoch) for e in optim_config.milestones], jnp.int32
+    )
     factor = optim_config.decay_factor
 
     def schedule(step):
       passed = jnp.sum(jnp.asarray(step) >= boundaries)
-      return base_lr * factor ** passed
+      return base_lr * factor**passed
+
   elif name == 'constant':
+
     def schedule(step):
       del step
       return jnp.asarray(base_lr, jnp.float32)
+
   else:
     raise ValueError(f"optim.schedule={name!r} is not one of 'cosine', 'multistep', 'constant'.")
 
@@ -75,6 +84,7 @@ def make_schedule(optim_config, total_steps: int, steps_per_epoch: int,
     step = jnp.asarray(step)
     ramp = jnp.minimum((step + 1) / warmup_steps, 1.0)
     return jnp.where(step < warmup_steps, ramp, 1.0) * schedule(step)
+
   return warmed
 
 
@@ -92,12 +102,14 @@ def weight_decay_mask(params, mode: str):
     def keep(path, _):
       name = getattr(path[-1], 'key', str(path[-1]))
       return name not in ('bias', 'scale')
+
     return jax.tree_util.tree_map_with_path(keep, params)
   raise ValueError(f"optim.wd_mask={mode!r} is not one of 'all', 'no_bn_bias'.")
 
 
-def make_optimizer(optim_config, total_steps: int, steps_per_epoch: int,
-                   batch_size: int | None = None):
+def make_optimizer(
+    optim_config, total_steps: int, steps_per_epoch: int, batch_size: int | None = None
+):
   """SGD (heavy-ball or Nesterov momentum) with coupled weight decay, as torch.optim.SGD.
 
   Returns (optax transformation, lr schedule). Weight decay is added to the gradient before the
@@ -105,8 +117,10 @@ def make_optimizer(optim_config, total_steps: int, steps_per_epoch: int,
   """
   schedule = make_schedule(optim_config, total_steps, steps_per_epoch, batch_size)
   tx = optax.chain(
-      optax.add_decayed_weights(optim_config.weight_decay,
-                                mask=lambda params: weight_decay_mask(params, optim_config.wd_mask)),
+      optax.add_decayed_weights(
+          optim_config.weight_decay,
+          mask=lambda params: weight_decay_mask(params, optim_config.wd_mask),
+      ),
       optax.sgd(schedule, momentum=optim_config.momentum or None, nesterov=optim_config.nesterov),
   )
   return tx, schedule

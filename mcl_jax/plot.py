@@ -5,6 +5,7 @@ per loss term (`train/loss`, `train/ce`, `train/<term>`), each over steps and re
 `metrics.jsonl`; several runs are overlaid, one colour per run. `train.run` writes
 `<workdir>/curves.png` this way when a run finishes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,10 @@ def _series(records: list[dict], name: str) -> tuple[list[int], list[float]]:
 
 
 def _accuracy_names(names) -> list[str]:
-  peers = sorted((n for n in names if n.startswith('eval/peer_') and n.endswith('/top1')),
-                 key=lambda n: int(n.split('/')[1][len('peer_'):]))
+  peers = sorted(
+      (n for n in names if n.startswith('eval/peer_') and n.endswith('/top1')),
+      key=lambda n: int(n.split('/')[1][len('peer_') :]),
+  )
   return peers + ['eval/ensemble/top1'] * ('eval/ensemble/top1' in names)
 
 
@@ -43,22 +46,30 @@ def make_figure(workdirs):
   """A matplotlib Figure of the runs in `workdirs`: panels ACCURACY_PANEL and one per loss term."""
   runs = [read_metrics(w) for w in workdirs]
   names = set().union(*(r for records in runs for r in records))
-  losses = sorted((n for n in names if n.startswith('train/') and n not in NOT_LOSSES),
-                  key=lambda n: (n != 'train/loss', n != 'train/ce', n))
+  losses = sorted(
+      (n for n in names if n.startswith('train/') and n not in NOT_LOSSES),
+      key=lambda n: (n != 'train/loss', n != 'train/ce', n),
+  )
   panels = [ACCURACY_PANEL] + losses
   cols = min(3, len(panels))
   rows = math.ceil(len(panels) / cols)
   fig = Figure(figsize=(5 * cols, 3.5 * rows))
   axes = fig.subplots(rows, cols, squeeze=False)
-  for ax in axes.flat[len(panels):]:
+  for ax in axes.flat[len(panels) :]:
     ax.remove()
   colors = itertools.cycle(matplotlib.rcParams['axes.prop_cycle'].by_key()['color'])
   for color, label, records in zip(colors, _run_labels(workdirs), runs):
     ax = axes.flat[0]
     for name, style in zip(_accuracy_names(names), itertools.cycle(('--', ':', '-.'))):
       ensemble = name == 'eval/ensemble/top1'
-      ax.plot(*_series(records, name), color=color, marker='.', lw=2.5 if ensemble else 1,
-              ls='-' if ensemble else style, label=f'{label} {name.split("/")[1]}')
+      ax.plot(
+          *_series(records, name),
+          color=color,
+          marker='.',
+          lw=2.5 if ensemble else 1,
+          ls='-' if ensemble else style,
+          label=f'{label} {name.split("/")[1]}',
+      )
     for ax, name in zip(axes.flat[1:], losses):
       ax.plot(*_series(records, name), color=color, label=label)
   for ax, title in zip(axes.flat, panels):

@@ -6,6 +6,7 @@ and prints a Markdown table with, per group, mean ± std over seeds of:
 - final best-peer top-1 and final mean per-peer top-1 (the last evaluation),
 - best and final ensemble (mean logits) top-1.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,7 +39,7 @@ def run_summary(workdir: str) -> dict:
 
 def describe(config: dict) -> str:
   archs = config['model']['archs'] or [config['model']['arch']] * config['cohort']['num_peers']
-  cohort = (f'{archs[0]}×{len(archs)}' if len(set(archs)) == 1 else ' + '.join(archs))
+  cohort = f'{archs[0]}×{len(archs)}' if len(set(archs)) == 1 else ' + '.join(archs)
   m = config['method']
   method = m['name']
   if method == 'mcl' and m.get('logit_kd'):
@@ -59,9 +60,13 @@ def mean_std(values) -> str:
   return f'{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}'
 
 
-COLUMNS = [('best_peer', 'best-peer top-1 (best)'), ('final_best_peer', 'best peer (final)'),
-           ('final_mean_peer', 'mean peer (final)'), ('best_ensemble', 'ensemble (best)'),
-           ('final_ensemble', 'ensemble (final)')]
+COLUMNS = [
+    ('best_peer', 'best-peer top-1 (best)'),
+    ('final_best_peer', 'best peer (final)'),
+    ('final_mean_peer', 'mean peer (final)'),
+    ('best_ensemble', 'ensemble (best)'),
+    ('final_ensemble', 'ensemble (final)'),
+]
 
 
 def table(workdirs) -> str:
@@ -69,8 +74,10 @@ def table(workdirs) -> str:
   for w in workdirs:
     s = run_summary(w)
     groups.setdefault(s['group'], []).append(s)
-  lines = ['| run | seeds | steps | ' + ' | '.join(title for _, title in COLUMNS) + ' |',
-           '|---|---|---|' + '---|' * len(COLUMNS)]
+  lines = [
+      '| run | seeds | steps | ' + ' | '.join(title for _, title in COLUMNS) + ' |',
+      '|---|---|---|' + '---|' * len(COLUMNS),
+  ]
   for name, runs in groups.items():
     seeds = ','.join(str(r['seed']) for r in sorted(runs, key=lambda r: r['seed']))
     steps = '/'.join(sorted({str(r['step']) for r in runs}))

@@ -2,29 +2,37 @@
 
 - Batches are split over `data` (every peer sees the same images): `P('data')`. BatchNorm statistics
   are over the global batch, as jit computes them on a data-sharded array (the 1-device semantics).
-- Peer-stacked state (the peers' params and BatchNorm statistics, the method's per-peer heads, and
-  the optimizer state of all of them, which has the params' tree structure) is split on its leading
-  peer axis over `peer`: `P('peer')`, replicated over `data`. With `mesh.peer` = 1 this is plain
-  data parallelism.
-- Memory banks `[K, N, D]` (MCL ImageNet) are split `P('peer', 'data')`: peers over `peer`, the N
-  example slots over `data`, so no device holds more than `1 / (data * peer)` of them.
-- Everything else (step counter, class index tables, ...) is replicated.
+- Where state lives is declared, not guessed: the cohort (`Cohort.layout`) and each method
+  (`Method.layout`) give every leaf a logical PartitionSpec, `PEER` (stacked per peer on axis 0),
+  `PEER_EXAMPLE` (memory banks `[K, N, ...]`) or `REPLICATED`; the optimizer state follows the
+  params' layout (`mcl_jax.step.state_layout`). On the mesh, 'peer' is split over `peer` and
+  replicated over `data` (with `mesh.peer` = 1 this is plain data parallelism); a memory bank's N
+  example slots are split over `data`, so no device holds more than `1 / (data * peer)` of it.
 
 An axis is only split when the mesh axis divides it (a 3-peer group on `peer` = 2 stays replicated).
 
 Multi-host: every array is global; a process only ever materialises its addressable shards
 (`global_batch` and `host_to_global` below), and jit runs the same program on every process.
 """
+
 from __future__ import annotations
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-# Tree keys (dict keys or dataclass fields on the leaf's path) whose leaves are stacked per peer on
-# axis 0, and those holding per-peer, per-example memory banks [K, N, ...].
-PEER_STACKED_KEYS = ('peers', 'batch_stats', 'heads')
-MEMORY_KEYS = ('memory',)
+# Logical placements that the cohort and the methods declare for their leaves (`Cohort.layout`,
+# `Method.layout`): 'peer' is the mesh's 'peer' axis, 'example' (the N slots of a memory bank) its
+# 'data' axis.
+PEER = P('peer')  # stacked per peer on axis 0
+PEER_EXAMPLE = P('peer', 'example')  # per peer, per training example: memory banks [K, N, ...]
+REPLICATED = P()
+LOGICAL_TO_MESH = {'peer': 'peer', 'example': 'data'}
+
+
+def same_placement(tree, spec: P):
+  """`spec` for every leaf of `tree` (e.g. all of a method's per-peer heads)."""
+  return jax.tree.map(lambda _: spec, tree)
 
 
 def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int]:
@@ -41,10 +49,15 @@ def make_mesh(mesh_config, devices=None) -> Mesh:
   devices = list(devices if devices is not None else jax.devices())
   data, peer = mesh_shape(mesh_config, len(devices))
   if data * peer > len(devices) or data < 1 or peer < 1:
-    raise ValueError(f'mesh data x peer = {data} x {peer} needs more than the {len(devices)} '
-                     f'devices here.')
-  return jax.make_mesh((data, peer), ('data', 'peer'), axis_types=(AxisType.Auto,) * 2,
-                       devices=devices[:data * peer])
+    raise ValueError(
+        f'mesh data x peer = {data} x {peer} needs more than the {len(devices)} ' f'devices here.'
+    )
+  return jax.make_mesh(
+      (data, peer),
+      ('data', 'peer'),
+      axis_types=(AxisType.Auto,) * 2,
+      devices=devices[: data * peer],
+  )
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -55,31 +68,32 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P('data'))
 
 
-def _key_name(key) -> str | None:
-  for attr in ('key', 'name'):
-    value = getattr(key, attr, None)
-    if isinstance(value, str):
-      return value
-  return None
+def mesh_spec(logical: P, shape, mesh: Mesh) -> P:
+  """The mesh PartitionSpec of a leaf of `shape` declared `logical`: each logical axis maps to its
+  mesh axis (LOGICAL_TO_MESH) where that mesh axis is > 1 and divides the dimension; otherwise
+  that dimension is replicated."""
+  axes = []
+  for dim, name in enumerate(tuple(logical)):
+    mesh_axis = LOGICAL_TO_MESH.get(name) if name is not None else None
+    if mesh_axis is None:
+      axes.append(None)
+      continue
+    size = mesh.shape[mesh_axis]
+    axes.append(mesh_axis if dim < len(shape) and size > 1 and shape[dim] % size == 0 else None)
+  while axes and axes[-1] is None:
+    axes.pop()
+  return P(*axes)
 
 
-def leaf_spec(path, shape, mesh: Mesh) -> P:
-  """The PartitionSpec of one state leaf (see the module docstring)."""
-  names = {_key_name(k) for k in path}
-  peer, data = mesh.shape['peer'], mesh.shape['data']
-  if names & set(MEMORY_KEYS) and len(shape) >= 2:
-    return P('peer' if shape[0] % peer == 0 and peer > 1 else None,
-             'data' if shape[1] % data == 0 and data > 1 else None)
-  if names & set(PEER_STACKED_KEYS) and len(shape) >= 1 and peer > 1 and shape[0] % peer == 0:
-    return P('peer')
-  return P()
-
-
-def state_sharding(mesh: Mesh, abstract_state):
-  """NamedShardings for a TrainState (or any pytree of arrays / ShapeDtypeStructs)."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, leaf: NamedSharding(mesh, leaf_spec(path, np.shape(leaf), mesh)),
-      abstract_state)
+def state_sharding(mesh: Mesh, abstract_state, layout):
+  """NamedShardings of a pytree of arrays (or ShapeDtypeStructs) from its declared `layout` (a
+  tree of logical PartitionSpecs with the same structure, e.g. `mcl_jax.step.state_layout`)."""
+  return jax.tree.map(
+      lambda leaf, logical: NamedSharding(mesh, mesh_spec(logical, np.shape(leaf), mesh)),
+      abstract_state,
+      layout,
+      is_leaf=lambda x: isinstance(x, P),
+  )
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -100,19 +114,26 @@ def global_batch(local_tree, sharding: NamedSharding, global_rows: int):
   (`jax.make_array_from_process_local_data`; one process: the whole batch)."""
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(
-          sharding, np.asarray(x), (global_rows,) + np.shape(x)[1:]), local_tree)
+          sharding, np.asarray(x), (global_rows,) + np.shape(x)[1:]
+      ),
+      local_tree,
+  )
 
 
 def host_to_global(tree, sharding: NamedSharding):
   """Places host arrays that are identical on every process (the in-memory training set, an eval
   batch) in `sharding`; each process transfers only its addressable shards."""
+
   def put(x):
     x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
   return jax.tree.map(put, tree)
 
 
 def describe(tree) -> dict:
   """{path: PartitionSpec string} of a pytree of arrays (for logs and tests)."""
-  return {jax.tree_util.keystr(path): str(leaf.sharding.spec)
-          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+  return {
+      jax.tree_util.keystr(path): str(leaf.sharding.spec)
+      for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+  }

@@ -4,6 +4,7 @@
 keyed by `fold_in(seed, step)`, all peers forward (cohort strategy), the method's loss, one
 `jax.value_and_grad` over peers + method parameters, one optax update. The state is donated.
 """
+
 from __future__ import annotations
 
 import functools
@@ -14,14 +15,16 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mcl_jax import augment
+from jax.sharding import PartitionSpec as P
+
+from mcl_jax import augment, sharding
 
 # XLA:CPU fuses the residual BN/add/ReLU chains into the transposes feeding weight-gradient convs
 # and recomputes them there; routing elementwise ops and reductions through YNNPACK materialises
-# them instead (~1.7x on a ResNet-32 step; ../shared/specs/perf-notes.md, BENCHMARKS.md).
+# them instead (~1.7x on a ResNet-32 step; docs/performance.md#the-xlacpu-compile-option,
+# BENCHMARKS.md).
 CPU_COMPILER_OPTIONS = {
-    'xla_cpu_experimental_ynn_fusion_type':
-        'LIBRARY_FUSION_TYPE_ELTWISE,LIBRARY_FUSION_TYPE_REDUCE',
+    'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_ELTWISE,LIBRARY_FUSION_TYPE_REDUCE',
 }
 
 
@@ -41,11 +44,12 @@ def compiler_options(backend: str | None = None, enabled: bool = True) -> dict |
 @flax.struct.dataclass
 class TrainState:
   """Everything that changes during training; a pytree with leading peer axes inside `params`."""
-  step: jax.Array          # int32 scalar, number of updates done
-  params: Any              # {'peers': tuple over groups of stacked params, 'method': ...}
-  batch_stats: Any         # tuple over groups of stacked BatchNorm statistics
+
+  step: jax.Array  # int32 scalar, number of updates done
+  params: Any  # {'peers': tuple over groups of stacked params, 'method': ...}
+  batch_stats: Any  # tuple over groups of stacked BatchNorm statistics
   opt_state: Any
-  method_state: Any        # non-trainable method state (memory banks, meta weights, ...)
+  method_state: Any  # non-trainable method state (memory banks, meta weights, ...)
 
 
 def create_state(cohort, method, tx, rng, sample_images, train_labels) -> TrainState:
@@ -54,17 +58,47 @@ def create_state(cohort, method, tx, rng, sample_images, train_labels) -> TrainS
   peer_params, batch_stats = cohort.init(peer_rng, sample_images)
   method_params, method_state = method.init(method_rng, cohort, train_labels)
   params = {'peers': peer_params, 'method': method_params}
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                    opt_state=tx.init(params), method_state=method_state)
+  return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      batch_stats=batch_stats,
+      opt_state=tx.init(params),
+      method_state=method_state,
+  )
+
+
+def state_layout(cohort, method, tx, state: TrainState) -> TrainState:
+  """The logical placement of every leaf of `state` (a TrainState of arrays or
+  ShapeDtypeStructs), as the cohort and the method declare it; the optimizer state follows the
+  params' layout leaf for leaf (`optax.tree_map_params`), its counters are replicated."""
+  peer_params, peer_stats = cohort.layout(state.params['peers'], state.batch_stats)
+  method_params, method_state = method.layout(state.params['method'], state.method_state)
+  params = {'peers': peer_params, 'method': method_params}
+  opt_state = optax.tree_map_params(
+      tx,
+      lambda _, spec: spec,
+      state.opt_state,
+      params,
+      transform_non_params=lambda _: sharding.REPLICATED,
+      is_leaf=lambda x: isinstance(x, P),
+  )
+  return TrainState(
+      step=sharding.REPLICATED,
+      params=params,
+      batch_stats=peer_stats,
+      opt_state=opt_state,
+      method_state=method_state,
+  )
 
 
 @flax.struct.dataclass
 class LossContext:
   """What a method's loss sees besides its own params, state and the batch."""
-  rng: jax.Array           # fold_in(seed, step)-derived key for the method's random choices
-  step: jax.Array          # int32, the step being taken (before the update)
-  peer_params: Any         # the peers' params (e.g. classifier weights for CRCD's gradient term)
-  frozen: Any = None       # frozen variables of the method (e.g. a teacher), never trained/saved
+
+  rng: jax.Array  # fold_in(seed, step)-derived key for the method's random choices
+  step: jax.Array  # int32, the step being taken (before the update)
+  peer_params: Any  # the peers' params (e.g. classifier weights for CRCD's gradient term)
+  frozen: Any = None  # frozen variables of the method (e.g. a teacher), never trained/saved
   # The cohort (static): methods that run extra per-peer modules (L-MCL's auxiliary branches).
   cohort: Any = flax.struct.field(pytree_node=False, default=None)
 
@@ -75,8 +109,14 @@ def augmented_batch(batch, step, seed: int, aug):
   normalised. Returns (batch with float 'image', method rng)."""
   step_key = jax.random.fold_in(jax.random.key(seed), step)
   augment_key, method_key = jax.random.split(step_key)
-  images = augment.augment_batch(batch['image'], augment_key, mean=tuple(aug.mean),
-                                 std=tuple(aug.std), pad=aug.crop_padding, flip=aug.flip)
+  images = augment.augment_batch(
+      batch['image'],
+      augment_key,
+      mean=tuple(aug.mean),
+      std=tuple(aug.std),
+      pad=aug.crop_padding,
+      flip=aug.flip,
+  )
   return {**batch, 'image': images}, method_key
 
 
@@ -93,16 +133,20 @@ def make_train_step(cohort, method, tx, schedule, aug, seed: int):
     batch, method_key = augmented_batch(batch, state.step, seed, aug)
 
     def loss_fn(params):
-      outputs, new_batch_stats = cohort.apply(params['peers'], state.batch_stats, batch['image'],
-                                              train=True)
-      ctx = LossContext(rng=method_key, step=state.step, peer_params=params['peers'],
-                        frozen=frozen, cohort=cohort)
-      loss, terms, new_method_state = method.loss(params['method'], state.method_state, outputs,
-                                                  batch, ctx)
+      outputs, new_batch_stats = cohort.apply(
+          params['peers'], state.batch_stats, batch['image'], train=True
+      )
+      ctx = LossContext(
+          rng=method_key, step=state.step, peer_params=params['peers'], frozen=frozen, cohort=cohort
+      )
+      loss, terms, new_method_state = method.loss(
+          params['method'], state.method_state, outputs, batch, ctx
+      )
       return loss, (terms, new_batch_stats, new_method_state)
 
-    (loss, (terms, new_batch_stats, new_method_state)), grads = (
-        jax.value_and_grad(loss_fn, has_aux=True)(state.params))
+    (loss, (terms, new_batch_stats, new_method_state)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True
+    )(state.params)
     updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
     metrics = {'loss': loss, **terms, 'lr': schedule(state.step)}
@@ -110,9 +154,13 @@ def make_train_step(cohort, method, tx, schedule, aug, seed: int):
     # finite while it poisons the params and BatchNorm statistics.
     checked = jax.tree.leaves(metrics) + jax.tree.leaves((new_params, new_batch_stats))
     metrics['finite'] = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in checked]))
-    new_state = state.replace(step=state.step + 1, params=new_params,
-                              batch_stats=new_batch_stats, opt_state=new_opt_state,
-                              method_state=new_method_state)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=new_params,
+        batch_stats=new_batch_stats,
+        opt_state=new_opt_state,
+        method_state=new_method_state,
+    )
     return new_state, metrics
 
   return train_step
@@ -127,10 +175,12 @@ def make_meta_step(cohort, method, schedule, aug, seed: int, wd_mask: str = 'all
   def meta_step(state: TrainState, batch, frozen=None):
     step = state.step - 1  # the step whose update was just applied
     batch, method_key = augmented_batch(batch, step, seed, aug)
-    ctx = LossContext(rng=method_key, step=step, peer_params=state.params['peers'], frozen=frozen,
-                      cohort=cohort)
-    new_method_state = method.meta_update(state, batch, ctx, cohort=cohort, lr=schedule(step),
-                                             wd_mask=wd_mask)
+    ctx = LossContext(
+        rng=method_key, step=step, peer_params=state.params['peers'], frozen=frozen, cohort=cohort
+    )
+    new_method_state = method.meta_update(
+        state, batch, ctx, cohort=cohort, lr=schedule(step), wd_mask=wd_mask
+    )
     return state.replace(method_state=new_method_state)
 
   return meta_step
@@ -148,7 +198,7 @@ def make_eval_step(cohort, data_config):
   def eval_step(peer_params, batch_stats, batch):
     images = augment.normalize(batch['image'], mean, std)
     outputs, _ = cohort.apply(peer_params, batch_stats, images, train=False)
-    logits = outputs['logits'].astype(jnp.float32)            # [K, B, C]
+    logits = outputs['logits'].astype(jnp.float32)  # [K, B, C]
     labels, mask = batch['label'], batch['mask'].astype(jnp.int32)
     top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]  # [K, B, 5]
     hit5 = jnp.any(top5 == labels[None, :, None], axis=-1)

@@ -4,6 +4,7 @@ jitted step -> log / eval / checkpoint.
 One jitted program per train step for the whole cohort; the host only picks batch indices (a pure
 function of seed and step), dispatches asynchronously, and syncs at log, eval and checkpoint points.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,7 +20,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from mcl_jax import checkpoint as ckpt_lib
@@ -35,76 +35,13 @@ class NonFiniteLossError(FloatingPointError):
 # --------------------------------------------------------------------------------------------- #
 # Building blocks shared by train, evaluate and the benchmark.
 # --------------------------------------------------------------------------------------------- #
-def load_data(config, workdir: str | None = None):
-  """(train, test): InMemoryDatasets shrunk as `data.train_examples` / `eval_examples` say, or
-  `StreamedSplit`s for data sets streamed from tfds (imagenet2012)."""
-  name, data_dir = config.data.name, config.data.data_dir or None
-  if name not in data.IN_MEMORY_NAMES:
-    return StreamedSplit(name, 'train', data_dir, workdir), StreamedSplit(name, 'test', data_dir)
-  train = data.load(name, 'train', data_dir)
-  test = data.load(name, 'test', data_dir)
-  if config.data.train_examples > 0:
-    # A fixed, seed-independent subset so smoke runs and tests see the same images.
-    keep = np.sort(np.random.default_rng(0).permutation(len(train.labels))[:config.data.train_examples])
-    train = dataclasses.replace(train, images=train.images[keep], labels=train.labels[keep])
-  if config.data.eval_examples > 0:
-    test = test.take(config.data.eval_examples)
-  return train, test
-
-
-class LazyLabels:
-  """The training labels of a streamed data set: the length is known at once, the values are read
-  (one pass over the records, cached in the workdir) only if a method asks for them."""
-
-  def __init__(self, name, data_dir, cache_dir, length):
-    self._args, self._length, self._labels = (name, data_dir, cache_dir), length, None
-
-  def __len__(self):
-    return self._length
-
-  def __array__(self, dtype=None, copy=None):
-    if self._labels is None:
-      self._labels = data.train_labels(*self._args)
-    return self._labels if dtype is None else self._labels.astype(dtype)
-
-
-@dataclasses.dataclass
-class StreamedSplit:
-  """A tfds split read through grain (`data.imagenet_iterator`), never held in memory."""
-  name: str
-  split: str
-  data_dir: str | None
-  cache_dir: str | None = None
-
-  def __post_init__(self):
-    info = data.dataset_info(self.name)
-    self.image_shape, self.num_classes = info.image_shape, info.num_classes
-    self.mean, self.std = data.normalization(self.name)
-    self.labels = LazyLabels(self.name, self.data_dir, self.cache_dir,
-                             data.num_examples(self.name, self.split))
-
-  def batches(self, global_batch: int, seed: int, start_step: int = 0, train: bool = True):
-    """This process's rows of each global batch (see `data.imagenet_iterator`)."""
-    return data.imagenet_iterator(self.split, self.data_dir, global_batch, seed,
-                                  start_step=start_step, image_size=self.image_shape[0],
-                                  train=train)
-
-
-def image_shape(dataset) -> tuple[int, ...]:
-  return tuple(dataset.image_shape if isinstance(dataset, StreamedSplit)
-               else dataset.images.shape[1:])
-
-
-def augment_spec(config, dataset) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(mean=tuple(dataset.mean), std=tuple(dataset.std),
-                                        crop_padding=config.data.crop_padding,
-                                        flip=config.data.flip))
-
-
 def run_identity(config) -> dict:
   """What a checkpoint must match to be resumed by this config."""
-  return {'archs': list(config.model.archs) or [config.model.arch] * config.cohort.num_peers,
-          'method': config.method.name, 'data': config.data.name}
+  return {
+      'archs': list(config.model.archs) or [config.model.arch] * config.cohort.num_peers,
+      'method': config.method.name,
+      'data': config.data.name,
+  }
 
 
 def schedule_lengths(config, num_train_examples: int) -> tuple[int, int]:
@@ -112,15 +49,58 @@ def schedule_lengths(config, num_train_examples: int) -> tuple[int, int]:
   if steps_per_epoch < 1:
     raise config_lib.ConfigError(
         f'batch_size={config.batch_size} is larger than the {num_train_examples} training '
-        f'examples; lower batch_size.')
-  total = (config.total_steps if config.total_steps > 0 else
-           optim.epochs_to_steps(config.total_epochs, steps_per_epoch))
+        f'examples; lower batch_size.'
+    )
+  total = (
+      config.total_steps
+      if config.total_steps > 0
+      else optim.epochs_to_steps(config.total_epochs, steps_per_epoch)
+  )
   return steps_per_epoch, total
+
+
+def run_info(config, num_train_examples: int, num_classes: int) -> methods.RunInfo:
+  """What the method may know of this run (`Method.run`)."""
+  steps_per_epoch, total_steps = schedule_lengths(config, num_train_examples)
+  return methods.RunInfo(
+      num_peers=config.cohort.num_peers,
+      archs=cohort_lib.peer_archs(config.model, config.cohort),
+      num_classes=num_classes,
+      num_train_examples=num_train_examples,
+      steps_per_epoch=steps_per_epoch,
+      total_steps=total_steps,
+      batch_size=config.batch_size,
+      teacher_arch=config.teacher.arch,
+  )
+
+
+def validate(config, num_devices: int | None = None) -> None:
+  """Checks the whole config before anything is created or compiled: every section by its owner
+  (config_lib: run, data, optimizer, mesh; cohort: model and cohort; the selected method: its own
+  keys, against this run), then that the data is available. Raises ConfigError listing every
+  problem, or FileNotFoundError naming the command that prepares missing data."""
+  found = config_lib.problems(config, num_devices)
+  found += cohort_lib.problems(config.model, config.cohort)
+  run = None
+  if config.data.name in data.names():
+    info = data.dataset_info(config.data.name)
+    num_train = info.num_train_examples
+    if config.data.train_examples > 0:
+      num_train = min(num_train, config.data.train_examples)
+    try:
+      run = run_info(config, num_train, info.num_classes)
+    except config_lib.ConfigError as e:
+      found.append(str(e))
+  found += methods.problems(config.method, run if not found else None)
+  config_lib.raise_problems(found)
+  # Last: data availability raises its own FileNotFoundError naming the preparing command.
+  data.check_available(config.data.name, config.data.data_dir or None)
 
 
 def _float64_state(init, rng):
   return jax.tree.map(
-      lambda x: x.astype(jnp.float64) if jnp.issubdtype(x.dtype, jnp.floating) else x, init(rng))
+      lambda x: x.astype(jnp.float64) if jnp.issubdtype(x.dtype, jnp.floating) else x, init(rng)
+  )
 
 
 class Experiment:
@@ -128,54 +108,89 @@ class Experiment:
 
   def __init__(self, config, *, devices=None, workdir: str | None = None):
     self.config = config
-    self.train_data, self.test_data = load_data(config, workdir)
-    self.streaming = isinstance(self.train_data, StreamedSplit)
+    self.train_data, self.test_data = data.load_splits(config, workdir)
+    self.streaming = isinstance(self.train_data, data.StreamedSplit)
     self.steps_per_epoch, self.total_steps = schedule_lengths(config, len(self.train_data.labels))
-    self.cohort = cohort_lib.build_cohort(config.model, config.cohort,
-                                          self.train_data.num_classes)
-    self.method = methods.get_method(config.method)
-    self.tx, self.schedule = optim.make_optimizer(config.optim, self.total_steps,
-                                                  self.steps_per_epoch, config.batch_size)
+    self.cohort = cohort_lib.build_cohort(config.model, config.cohort, self.train_data.num_classes)
+    self.method = methods.build(
+        config.method,
+        run_info(config, len(self.train_data.labels), self.train_data.num_classes),
+    )
+    self.tx, self.schedule = optim.make_optimizer(
+        config.optim, self.total_steps, self.steps_per_epoch, config.batch_size
+    )
     self.mesh = sharding.make_mesh(config.mesh, devices)
     if self.mesh.shape['peer'] > 1 and config.mesh.get('peer_shard_map', True):
       self.cohort = dataclasses.replace(self.cohort, mesh=self.mesh)
-    self.aug = augment_spec(config, self.train_data)
+    self.aug = data.augment_spec(config)  # owned by the data source
 
-    sample = jnp.zeros((1,) + image_shape(self.train_data), jnp.float32)
-    self._init = functools.partial(step_lib.create_state, self.cohort, self.method, self.tx,
-                                   sample_images=sample,
-                                   train_labels=self.train_data.labels)
+    sample = jnp.zeros((1,) + tuple(self.train_data.image_shape), jnp.float32)
+    self._init = functools.partial(
+        step_lib.create_state,
+        self.cohort,
+        self.method,
+        self.tx,
+        sample_images=sample,
+        train_labels=self.train_data.labels,
+    )
     if config.model.dtype == 'float64':  # exactness tests: the whole state in float64 too
       self._init = functools.partial(_float64_state, self._init)
     self.abstract_state = jax.eval_shape(self._init, jax.random.key(0))
-    self.state_sharding = sharding.state_sharding(self.mesh, self.abstract_state)
+    self.state_sharding = sharding.state_sharding(
+        self.mesh,
+        self.abstract_state,
+        step_lib.state_layout(self.cohort, self.method, self.tx, self.abstract_state),
+    )
     self.batch_sharding = sharding.batch_sharding(self.mesh)
     self.replicated = sharding.replicated(self.mesh)
 
     options = step_lib.compiler_options(enabled=config.xla_cpu_fast_path)
     self.train_step = jax.jit(
-        step_lib.make_train_step(self.cohort, self.method, self.tx, self.schedule, self.aug,
-                                 config.seed),
+        step_lib.make_train_step(
+            self.cohort, self.method, self.tx, self.schedule, self.aug, config.seed
+        ),
         in_shardings=(self.state_sharding, self.batch_sharding, self.replicated),
         out_shardings=(self.state_sharding, self.replicated),
-        donate_argnums=0, compiler_options=options)
+        donate_argnums=0,
+        compiler_options=options,
+    )
     self.frozen = jax.device_put(self.method.load_frozen(config), self.replicated)
     self.meta_step = None
     if self.method.meta_every_steps > 0:
       self.meta_step = jax.jit(
-          step_lib.make_meta_step(self.cohort, self.method, self.schedule, self.aug, config.seed,
-                                  wd_mask=config.optim.wd_mask),
+          step_lib.make_meta_step(
+              self.cohort,
+              self.method,
+              self.schedule,
+              self.aug,
+              config.seed,
+              wd_mask=config.optim.wd_mask,
+          ),
           in_shardings=(self.state_sharding, self.batch_sharding, self.replicated),
-          out_shardings=self.state_sharding, donate_argnums=0, compiler_options=options)
-    self.eval_step = jax.jit(step_lib.make_eval_step(self.cohort, self.aug),
-                             out_shardings=self.replicated, compiler_options=options)
+          out_shardings=self.state_sharding,
+          donate_argnums=0,
+          compiler_options=options,
+      )
+    self.eval_step = jax.jit(
+        step_lib.make_eval_step(self.cohort, self.aug),
+        out_shardings=self.replicated,
+        compiler_options=options,
+    )
     self._take = jax.jit(
         lambda images, labels, idx: {'image': images[idx], 'label': labels[idx], 'index': idx},
-        out_shardings=self.batch_sharding)
-    self.sampler = None if self.streaming else data.BatchSampler(
-        self.train_data.labels, config.batch_size, config.seed,
-        class_balanced=self.method.class_balanced or config.method.class_balanced,
-        samples_per_class=config.method.samples_per_class)
+        out_shardings=self.batch_sharding,
+    )
+    self.sampler = (
+        None
+        if self.streaming
+        else data.BatchSampler(
+            self.train_data.labels,
+            config.batch_size,
+            config.seed,
+            class_balanced=self.method.class_balanced,
+            samples_per_class=self.method.samples_per_class,
+        )
+    )
     self._train_images = self._train_labels = None
     self._stream, self._stream_step = None, None
 
@@ -185,8 +200,11 @@ class Experiment:
     return jax.jit(self._init, out_shardings=self.state_sharding)(rng)
 
   def abstract_state_with_shardings(self):
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        self.abstract_state, self.state_sharding)
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        self.abstract_state,
+        self.state_sharding,
+    )
 
   def batch(self, step: int):
     """The training batch of `step`: indices chosen on the host, images gathered on device; or,
@@ -205,23 +223,29 @@ class Experiment:
 
   def _streamed_batch(self, step: int):
     if self._stream is None or step != self._stream_step:  # (re)start the stream at `step`
-      self._stream = self.train_data.batches(self.config.batch_size, self.config.seed,
-                                             start_step=step)
+      self._stream = self.train_data.batches(
+          self.config.batch_size, self.config.seed, start_step=step
+      )
     self._stream_step = step + 1
     return sharding.global_batch(next(self._stream), self.batch_sharding, self.config.batch_size)
 
   def eval_batches(self, dataset, batch_size: int):
     """Global eval batches with a 'mask' for the padding of the last one."""
-    if isinstance(dataset, StreamedSplit):
+    if isinstance(dataset, data.StreamedSplit):
       for local in dataset.batches(batch_size, seed=0, train=False):
         yield sharding.global_batch(local, self.batch_sharding, batch_size)
       return
     for start in range(0, len(dataset.labels), batch_size):
-      images, labels = dataset.images[start:start + batch_size], dataset.labels[start:start + batch_size]
+      images, labels = (
+          dataset.images[start : start + batch_size],
+          dataset.labels[start : start + batch_size],
+      )
       pad = batch_size - len(labels)
-      batch = {'image': np.pad(images, ((0, pad),) + ((0, 0),) * (images.ndim - 1)),
-               'label': np.pad(labels, (0, pad)),
-               'mask': np.arange(batch_size) < len(labels)}
+      batch = {
+          'image': np.pad(images, ((0, pad),) + ((0, 0),) * (images.ndim - 1)),
+          'label': np.pad(labels, (0, pad)),
+          'mask': np.arange(batch_size) < len(labels),
+      }
       yield sharding.host_to_global(batch, self.batch_sharding)
 
   def evaluate(self, state, dataset=None) -> dict:
@@ -244,8 +268,9 @@ class Experiment:
     return {k: float(v) for k, v in out.items()}
 
 
-def _check_finite(step_metrics: list, first_step: int, writer: MetricWriter,
-                  ckpt: ckpt_lib.Checkpointer) -> None:
+def _check_finite(
+    step_metrics: list, first_step: int, writer: MetricWriter, ckpt: ckpt_lib.Checkpointer
+) -> None:
   """Raises NonFiniteLossError naming the first bad step since the last check and its terms."""
   if not step_metrics:
     return
@@ -254,14 +279,18 @@ def _check_finite(step_metrics: list, first_step: int, writer: MetricWriter,
     return
   bad = int(np.argmin(flags))
   terms = {k: float(v) for k, v in jax.device_get(step_metrics[bad]).items() if k != 'finite'}
-  what = ('loss' if not np.all(np.isfinite(list(terms.values()))) else
-          'parameters or BatchNorm statistics (NaN/Inf inputs?)')
+  what = (
+      'loss'
+      if not np.all(np.isfinite(list(terms.values())))
+      else 'parameters or BatchNorm statistics (NaN/Inf inputs?)'
+  )
   writer.close()
   ckpt.close()  # the last checkpoint's asynchronous save completes before the error ends the run
   raise NonFiniteLossError(
       f'Non-finite {what} at step {first_step + bad + 1}: {json.dumps(terms)}. Training stopped; '
       f'the last checkpoint (before this step) is intact. Lower optim.lr, check the data, or '
-      f'resume with the same command after changing the config.')
+      f'resume with the same command after changing the config.'
+  )
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -307,7 +336,7 @@ def run(config, workdir: str, *, stop_after_steps: int | None = None) -> dict:
 
 
 def _run(config, workdir, stop, stop_after_steps):
-  config_lib.validate(config)
+  validate(config)
   _check_workdir_writable(workdir)
   exp = Experiment(config, workdir=workdir)
   is_main = jax.process_index() == 0
@@ -331,9 +360,12 @@ def _run(config, workdir, stop, stop_after_steps):
   eval_every = config.eval_every_steps if config.eval_every_steps > 0 else spe
   writer = MetricWriter(workdir, resume_step=start_step, enabled=is_main)
   progress = Progress(total, config.batch_size, start_step)
-  print(f'mcl_jax: {exp.cohort.num_peers} peers {run_identity(config)["archs"]}, method '
-        f'{config.method.name}, strategy {exp.cohort.strategy}, {total} steps '
-        f'({spe}/epoch), batch {config.batch_size}, devices {exp.mesh.shape}', flush=True)
+  print(
+      f'mcl_jax: {exp.cohort.num_peers} peers {run_identity(config)["archs"]}, method '
+      f'{config.method.name}, strategy {exp.cohort.strategy}, {total} steps '
+      f'({spe}/epoch), batch {config.batch_size}, devices {exp.mesh.shape}',
+      flush=True,
+  )
 
   # ---- Steps ------------------------------------------------------------------------------- #
   pending, pending_from = [], start_step
@@ -363,8 +395,9 @@ def _run(config, workdir, stop, stop_after_steps):
     _check_finite(pending, pending_from, writer, ckpt)
     scalars = {}
     if log_now:
-      scalars.update({f'train/{k}': float(v) for k, v in jax.device_get(pending[-1]).items()
-                      if k != 'finite'})
+      scalars.update(
+          {f'train/{k}': float(v) for k, v in jax.device_get(pending[-1]).items() if k != 'finite'}
+      )
       scalars.update(progress.update(done))
     pending, pending_from = [], done
     if eval_now:
@@ -382,8 +415,11 @@ def _run(config, workdir, stop, stop_after_steps):
     if eval_now or ckpt_now:
       progress.mark(done)  # keep eval and checkpoint time out of img/s
     if stop.signal is not None:
-      print(f'mcl_jax: stopped by {stop.signal} after step {done}; checkpoint saved. Run the same '
-            f'command again to resume.', flush=True)
+      print(
+          f'mcl_jax: stopped by {stop.signal} after step {done}; checkpoint saved. Run the same '
+          f'command again to resume.',
+          flush=True,
+      )
       break
 
   ckpt.close()
@@ -399,6 +435,7 @@ def _plot_curves(workdir: str) -> None:
   """Writes `<workdir>/curves.png` (mcl_jax.plot); a plotting failure never fails training."""
   try:
     from mcl_jax import plot  # pylint: disable=g-import-not-at-top  # matplotlib: only when done
+
     plot.plot_runs([workdir], os.path.join(workdir, 'curves.png'))
   except Exception as e:  # pylint: disable=broad-except
     logging.warning('Could not plot the curves of %s: %s', workdir, e)
@@ -417,8 +454,10 @@ def _check_workdir_writable(workdir: str) -> None:
     raise OSError(f'Cannot write to --workdir {workdir!r} ({e}). Pick a writable directory.') from e
   free = _free_bytes(workdir)
   if free is not None and free < 100 * 2**20:
-    raise OSError(f'--workdir {workdir!r} has only {free / 2**20:.0f} MiB free; checkpoints need '
-                  f'more. Free some space or pick another directory.')
+    raise OSError(
+        f'--workdir {workdir!r} has only {free / 2**20:.0f} MiB free; checkpoints need '
+        f'more. Free some space or pick another directory.'
+    )
 
 
 def _free_bytes(path: str) -> int | None:

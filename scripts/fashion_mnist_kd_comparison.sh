@@ -41,8 +41,8 @@ worker() {
     go ckd_s$s --config $cfg:method=ckd,teacher=$ROOT/teacher,seed=$s
     go crcd_s$s --config $cfg:method=crcd,teacher=$ROOT/teacher,seed=$s
     go okd_s$s --config $cfg:method=mcl_okd,seed=$s
-    go okd_branches_s$s --config $cfg:method=mcl_okd,seed=$s --config.method.alpha=0.0 \
-        --config.method.beta=0.0
+    go okd_branches_s$s --config $cfg:method=mcl_okd,seed=$s --config.method.dot_weight=0.0 \
+        --config.method.contrast_weight=0.0
   done
 }
 

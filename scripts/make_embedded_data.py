@@ -12,7 +12,7 @@ Reads the original Zalando IDX files and writes
 The output is a pure function of the source files: the printed sha256 (over the array
 names, dtypes, shapes and bytes, not over the zip container) is the same on every rerun.
 It also prints the per-channel mean/std of the train subset and of the full train set,
-which are hard-coded in ``mcl_jax/data.py``.
+which are hard-coded in ``mcl_jax/data/fashion_mnist.py``.
 
 Usage::
 
@@ -49,8 +49,9 @@ def build_arrays(source: str | pathlib.Path) -> dict[str, np.ndarray]:
   """The arrays of the embedded file, from the IDX files in ``source``."""
   train_images, train_labels = data.read_fashion_mnist_idx(source, 'train')
   test_images, test_labels = data.read_fashion_mnist_idx(source, 'test')
-  chosen = data.stratified_subset_indices(train_labels, data.EMBEDDED_TRAIN_PER_CLASS,
-                                          data.EMBEDDED_SUBSET_SEED)
+  chosen = data.stratified_subset_indices(
+      train_labels, data.EMBEDDED_TRAIN_PER_CLASS, data.EMBEDDED_SUBSET_SEED
+  )
   return {
       'train_images': np.ascontiguousarray(train_images[chosen]),
       'train_labels': train_labels[chosen].astype(np.int32),
@@ -85,8 +86,9 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--source', type=pathlib.Path, default=default_source())
   parser.add_argument('--out', type=pathlib.Path, default=DEFAULT_OUT)
-  parser.add_argument('--check', action='store_true',
-                      help='compare with the file in --out instead of writing it')
+  parser.add_argument(
+      '--check', action='store_true', help='compare with the file in --out instead of writing it'
+  )
   args = parser.parse_args(argv)
 
   arrays = build_arrays(args.source)

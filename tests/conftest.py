@@ -8,11 +8,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def tiny_config(**overrides):
   """A run of a few seconds on the embedded data: two ResNet-8 peers, 16-image batches."""
-  from mcl_jax import config_lib
+  from mcl_jax import config_lib, methods
+
   c = config_lib.base_config()
   c.model.arch = 'resnet8'
   c.cohort.num_peers = 2
-  c.method.name = 'dml'
+  # A method.name override selects that method's section (its own keys at their defaults).
+  c.method = methods.config(overrides.pop('method.name', 'dml'))
   c.batch_size = 16
   c.total_steps = 8
   c.data.train_examples = 128

@@ -14,6 +14,7 @@ metrics, twice:
 plus the eval counts, the number of times the train step was traced, and the placements
 (PartitionSpecs) of params, opt state, memory and batch.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,6 +50,7 @@ def counting_make_train_step(*args, **kwargs):
   def counted(*a, **k):
     TRACES['train_step'] += 1  # runs once per trace, never at execution
     return fn(*a, **k)
+
   return counted
 
 
@@ -56,13 +58,26 @@ step_lib.make_train_step = counting_make_train_step
 
 
 def mcl_config(num_peers: int, strategy: str, data: int, peer: int, peer_shard_map: bool = True):
-  return tiny_config(**{'mesh.peer_shard_map': peer_shard_map,
-      'method.name': 'mcl', 'method.memory_bank': True, 'method.num_negatives': 16,
-      'method.embed_dim': 16, 'cohort.num_peers': num_peers, 'cohort.strategy': strategy,
-      'mesh.data': data, 'mesh.peer': peer, 'batch_size': 16, 'data.train_examples': 128,
-      'data.eval_examples': 32, 'data.eval_batch_size': 16, 'optim.lr': 0.01,
-      'data.crop_padding': 0,  # zero-padded crops are constant strips: ties again (with_noise)
-      'model.dtype': 'float64' if X64 else 'float32'})
+  return tiny_config(
+      **{
+          'mesh.peer_shard_map': peer_shard_map,
+          'method.name': 'mcl',
+          'method.memory_bank': True,
+          'method.num_negatives': 16,
+          'method.embed_dim': 16,
+          'cohort.num_peers': num_peers,
+          'cohort.strategy': strategy,
+          'mesh.data': data,
+          'mesh.peer': peer,
+          'batch_size': 16,
+          'data.train_examples': 128,
+          'data.eval_examples': 32,
+          'data.eval_batch_size': 16,
+          'optim.lr': 0.01,
+          'data.crop_padding': 0,  # zero-padded crops are constant strips: ties again (with_noise)
+          'model.dtype': 'float64' if X64 else 'float32',
+      }
+  )
 
 
 def with_noise(dataset):
@@ -100,8 +115,7 @@ def train_steps(config, devices, steps: int, reference_states=None):
       break
     placed = jax.device_put(ref_state, exp.state_sharding)
     new_state, m = exp.train_step(placed, exp.batch(step), exp.frozen)
-    forced.append((jax.device_get(new_state),
-                   {k: float(v) for k, v in jax.device_get(m).items()}))
+    forced.append((jax.device_get(new_state), {k: float(v) for k, v in jax.device_get(m).items()}))
   evals = exp.evaluate(state)
   placements.update(final=sharding.describe(state), batch=sharding.describe(batch))
   with tempfile.TemporaryDirectory() as workdir:  # Orbax round trip straight into the shardings
@@ -110,31 +124,52 @@ def train_steps(config, devices, steps: int, reference_states=None):
     restored, _ = ckpt.restore_latest(exp.abstract_state_with_shardings())
     ckpt.close()
   placements['restored'] = sharding.describe(restored)
-  restored_equal = all(jax.tree.leaves(jax.tree.map(
-      lambda a, b: bool(np.array_equal(a, b)), jax.device_get(restored), jax.device_get(state))))
-  expected = {jax.tree_util.keystr(p): str(s.spec) for p, s in
-              jax.tree_util.tree_leaves_with_path(exp.state_sharding)}
-  return dict(state=states[-1], states=states, forced=forced, restored_equal=restored_equal,
-              metrics=metrics, eval=evals, traces=TRACES['train_step'], placements=placements,
-              expected=expected, mesh=dict(exp.mesh.shape))
+  restored_equal = all(
+      jax.tree.leaves(
+          jax.tree.map(
+              lambda a, b: bool(np.array_equal(a, b)),
+              jax.device_get(restored),
+              jax.device_get(state),
+          )
+      )
+  )
+  expected = {
+      jax.tree_util.keystr(p): str(s.spec)
+      for p, s in jax.tree_util.tree_leaves_with_path(exp.state_sharding)
+  }
+  return dict(
+      state=states[-1],
+      states=states,
+      forced=forced,
+      restored_equal=restored_equal,
+      metrics=metrics,
+      eval=evals,
+      traces=TRACES['train_step'],
+      placements=placements,
+      expected=expected,
+      mesh=dict(exp.mesh.shape),
+  )
 
 
 def state_diffs(state, ref_state) -> dict:
-  return {part: max_rel_diff(getattr(state, part), getattr(ref_state, part))
-          for part in ('params', 'batch_stats', 'opt_state', 'method_state')}
+  return {
+      part: max_rel_diff(getattr(state, part), getattr(ref_state, part))
+      for part in ('params', 'batch_stats', 'opt_state', 'method_state')
+  }
 
 
 def metric_diff(metrics, ref_metrics) -> float:
-  return max(abs(m[k] - r[k]) / (abs(r[k]) + 1e-3)
-             for m, r in zip(metrics, ref_metrics) for k in r)
+  return max(abs(m[k] - r[k]) / (abs(r[k]) + 1e-3) for m, r in zip(metrics, ref_metrics) for k in r)
 
 
 def max_rel_diff(a, b) -> float:
   """max over leaves of max|a - b| / max|b| (the error relative to the leaf's scale, which is what
   float32 reassociation produces; elementwise relative errors blow up on entries near zero)."""
+
   def rel(x, y):
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     return float(np.max(np.abs(x - y)) / max(np.max(np.abs(y)), 1e-30)) if x.size else 0.0
+
   return max(jax.tree.leaves(jax.tree.map(rel, a, b)) or [0.0])
 
 
@@ -154,23 +189,46 @@ def main():
     if key not in reference:
       reference[key] = train_steps(mcl_config(*key, 1, 1), jax.devices()[:1], args.steps)
     ref = reference[key]
-    run = train_steps(mcl_config(*key, data, peer, peer_shard_map=program != ['jit']),
-                      jax.devices(), args.steps, reference_states=ref['states'])
+    run = train_steps(
+        mcl_config(*key, data, peer, peer_shard_map=program != ['jit']),
+        jax.devices(),
+        args.steps,
+        reference_states=ref['states'],
+    )
     free = state_diffs(run['state'], ref['state'])
     # Forced: step t of the mesh from the reference state t vs the reference step t.
-    forced = [state_diffs(new_state, ref['states'][t + 1])
-              for t, (new_state, _) in enumerate(run['forced'])]
-    results.append(dict(
-        case=case, mesh=run['mesh'], restored_equal=run['restored_equal'], traces=run['traces'],
-        ref_traces=ref['traces'], step=int(run['state'].step),
-        forced={part: max(f[part] for f in forced) for part in free},
-        forced_metrics=metric_diff([m for _, m in run['forced']], ref['metrics']),
-        free=free, free_metrics=metric_diff(run['metrics'], ref['metrics']),
-        eval=max(abs(run['eval'][k] - ref['eval'][k]) for k in ref['eval']),
-        metric_names=sorted(ref['metrics'][0]),
-        placements=run['placements'], expected=run['expected']))
-    print(json.dumps({k: v for k, v in results[-1].items()
-                      if k not in ('placements', 'expected', 'metric_names')}), flush=True)
+    forced = [
+        state_diffs(new_state, ref['states'][t + 1])
+        for t, (new_state, _) in enumerate(run['forced'])
+    ]
+    results.append(
+        dict(
+            case=case,
+            mesh=run['mesh'],
+            restored_equal=run['restored_equal'],
+            traces=run['traces'],
+            ref_traces=ref['traces'],
+            step=int(run['state'].step),
+            forced={part: max(f[part] for f in forced) for part in free},
+            forced_metrics=metric_diff([m for _, m in run['forced']], ref['metrics']),
+            free=free,
+            free_metrics=metric_diff(run['metrics'], ref['metrics']),
+            eval=max(abs(run['eval'][k] - ref['eval'][k]) for k in ref['eval']),
+            metric_names=sorted(ref['metrics'][0]),
+            placements=run['placements'],
+            expected=run['expected'],
+        )
+    )
+    print(
+        json.dumps(
+            {
+                k: v
+                for k, v in results[-1].items()
+                if k not in ('placements', 'expected', 'metric_names')
+            }
+        ),
+        flush=True,
+    )
   with open(args.out, 'w') as f:
     json.dump(results, f, indent=1)
 

@@ -1,4 +1,5 @@
 """Every cohort strategy equals a plain Python loop over peers, forward and gradients."""
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -20,8 +21,10 @@ def loop_reference(cohort, params, batch_stats, images):
   logits, stats = [], []
   for group, p, bs in zip(cohort.groups, params, batch_stats):
     for k in range(group.num_peers):
-      variables = {'params': cohort_lib.peer_slice(p, k),
-                   'batch_stats': cohort_lib.peer_slice(bs, k)}
+      variables = {
+          'params': cohort_lib.peer_slice(p, k),
+          'batch_stats': cohort_lib.peer_slice(bs, k),
+      }
       out, upd = group.model.apply(variables, images, train=True, mutable=['batch_stats'])
       logits.append(out['logits'])
       stats.append(upd['batch_stats'])
@@ -38,7 +41,10 @@ def test_strategies_match_per_peer_loop(archs):
 
   def ref_loss(params):
     logits, _ = loop_reference(ref_cohort, params, batch_stats, images)
-    return -jnp.mean(jax.nn.log_softmax(logits)[:, jnp.arange(4), labels] * jnp.arange(1., 1 + len(archs))[:, None])
+    return -jnp.mean(
+        jax.nn.log_softmax(logits)[:, jnp.arange(4), labels]
+        * jnp.arange(1.0, 1 + len(archs))[:, None]
+    )
 
   ref_logits, ref_stats = loop_reference(ref_cohort, params, batch_stats, images)
   ref_grads = jax.grad(ref_loss)(params)
@@ -48,12 +54,18 @@ def test_strategies_match_per_peer_loop(archs):
 
     def loss(params):
       out, _ = cohort.apply(params, batch_stats, images, train=True)
-      return -jnp.mean(jax.nn.log_softmax(out['logits'])[:, jnp.arange(4), labels] * jnp.arange(1., 1 + len(archs))[:, None])
+      return -jnp.mean(
+          jax.nn.log_softmax(out['logits'])[:, jnp.arange(4), labels]
+          * jnp.arange(1.0, 1 + len(archs))[:, None]
+      )
 
     out, new_stats = jax.jit(lambda p: cohort.apply(p, batch_stats, images, train=True))(params)
     chex.assert_trees_all_close(out['logits'], ref_logits, rtol=1e-5, atol=1e-5)
-    flat_stats = [cohort_lib.peer_slice(s, k) for g, s in zip(cohort.groups, new_stats)
-                  for k in range(g.num_peers)]
+    flat_stats = [
+        cohort_lib.peer_slice(s, k)
+        for g, s in zip(cohort.groups, new_stats)
+        for k in range(g.num_peers)
+    ]
     chex.assert_trees_all_close(flat_stats, ref_stats, rtol=1e-5, atol=1e-6)
     chex.assert_trees_all_close(jax.jit(jax.grad(loss))(params), ref_grads, rtol=1e-4, atol=1e-6)
 

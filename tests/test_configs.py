@@ -1,12 +1,13 @@
 """Every shipped config loads (default arguments and `smoke`) and passes validation (data
 availability aside: CIFAR-100 / ImageNet are not prepared on the test machine)."""
+
 import glob
 import importlib.util
 import os
 
 import pytest
 
-from mcl_jax import config_lib, data
+from mcl_jax import config_lib, data, train
 
 from conftest import REPO
 
@@ -27,7 +28,7 @@ def test_config_loads_and_validates(path, arg, monkeypatch):
   module = load(path)
   assert 'python -m mcl_jax.main --config configs/' in module.__doc__  # the command to run it
   config = module.get_config(arg)
-  config_lib.validate(config, num_devices=1)
+  train.validate(config, num_devices=1)
 
 
 def test_imagenet_lmcl_uses_the_memory_bank():

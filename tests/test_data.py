@@ -28,7 +28,8 @@ SCRIPT = _load_script()
 FMNIST_SOURCE = SCRIPT.default_source()
 needs_fmnist_source = pytest.mark.skipif(
     not (FMNIST_SOURCE / 'train-images-idx3-ubyte.gz').is_file(),
-    reason=f'Fashion-MNIST IDX files not in {FMNIST_SOURCE}')
+    reason=f'Fashion-MNIST IDX files not in {FMNIST_SOURCE}',
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -55,7 +56,10 @@ def test_dataset_info_matches_loaded_data():
   ds = data.load('fashion_mnist', 'train')
   assert info == ((28, 28, 1), 10, 20_000)
   assert (info.image_shape, info.num_classes, info.num_train_examples) == (
-      ds.images.shape[1:], ds.num_classes, len(ds))
+      ds.images.shape[1:],
+      ds.num_classes,
+      len(ds),
+  )
   assert data.num_examples('fashion_mnist', 'test') == 10_000
   assert data.dataset_info('cifar100') == ((32, 32, 3), 100, 50_000)
   assert data.dataset_info('imagenet2012') == ((224, 224, 3), 1000, 1_281_167)
@@ -108,8 +112,10 @@ def test_read_idx(tmp_path):
 
 
 def test_fashion_mnist_full_missing_names_the_package(tmp_path):
-  for call in (lambda: data.load('fashion_mnist_full', 'train', str(tmp_path)),
-               lambda: data.check_available('fashion_mnist_full', str(tmp_path))):
+  for call in (
+      lambda: data.load('fashion_mnist_full', 'train', str(tmp_path)),
+      lambda: data.check_available('fashion_mnist_full', str(tmp_path)),
+  ):
     with pytest.raises(FileNotFoundError, match='apt-get install dataset-fashion-mnist'):
       call()
 
@@ -138,10 +144,11 @@ def _assert_missing_message(error, name, data_dir):
 
 @pytest.mark.parametrize('name', ['cifar100', 'imagenet2012'])
 def test_tfds_missing_data_is_a_clear_error(name, tmp_path):
-  calls = [lambda: data.check_available(name, str(tmp_path)),
-           lambda: data.load(name, 'train', str(tmp_path)),
-           lambda: data.imagenet_iterator('train', str(tmp_path), 8, 0, shard_index=0,
-                                          shard_count=1)]
+  calls = [
+      lambda: data.check_available(name, str(tmp_path)),
+      lambda: data.load(name, 'train', str(tmp_path)),
+      lambda: data.imagenet_iterator('train', str(tmp_path), 8, 0, shard_index=0, shard_count=1),
+  ]
   for call in calls if name == 'imagenet2012' else calls[:2]:
     with pytest.raises(FileNotFoundError) as error:
       call()
@@ -156,13 +163,17 @@ def test_tfds_data_dir_from_environment(tmp_path, monkeypatch):
   _assert_missing_message(error, 'cifar100', str(tmp_path))
 
 
-@pytest.mark.parametrize('tfds_error', [
-    NotImplementedError('Random access data source for file format tfrecord is not supported.'),
-    KeyError("Trying to access `splits['train']` but `splits` is empty."),
-])
+@pytest.mark.parametrize(
+    'tfds_error',
+    [
+        NotImplementedError('Random access data source for file format tfrecord is not supported.'),
+        KeyError("Trying to access `splits['train']` but `splits` is empty."),
+    ],
+)
 def test_confusing_tfds_errors_are_rewritten(tfds_error, tmp_path, monkeypatch):
   def as_data_source(self, split, **kwargs):
     raise tfds_error
+
   monkeypatch.setattr(tfds.core.DatasetBuilder, 'is_prepared', lambda self: True)
   monkeypatch.setattr(tfds.core.DatasetBuilder, 'as_data_source', as_data_source)
   with pytest.raises(FileNotFoundError) as error:
@@ -173,8 +184,14 @@ def test_confusing_tfds_errors_are_rewritten(tfds_error, tmp_path, monkeypatch):
 
 def _fake_records(count, shape, seed=0):
   rng = np.random.default_rng(seed)
-  return [{'image': rng.integers(0, 256, shape(i) if callable(shape) else shape, np.uint8),
-           'label': np.int64(i % 7), 'id': f'ex{i}'} for i in range(count)]
+  return [
+      {
+          'image': rng.integers(0, 256, shape(i) if callable(shape) else shape, np.uint8),
+          'label': np.int64(i % 7),
+          'id': f'ex{i}',
+      }
+      for i in range(count)
+  ]
 
 
 def _patch_prepared_tfds(monkeypatch, records):
@@ -183,6 +200,7 @@ def _patch_prepared_tfds(monkeypatch, records):
   def as_data_source(self, split, **kwargs):
     requested.append((self.name, split))
     return records
+
   monkeypatch.setattr(tfds.core.DatasetBuilder, 'is_prepared', lambda self: True)
   monkeypatch.setattr(tfds.core.DatasetBuilder, 'as_data_source', as_data_source)
   return requested
@@ -233,8 +251,9 @@ def test_class_balanced_with_fewer_classes_than_batch_over_m():
     assert batch.shape == (128,) and batch.dtype == np.int32
     assert len(np.unique(batch)) == 128
     # Every class, 12 = 128 // 10 consecutive rows each, then 8 filled from anywhere.
-    np.testing.assert_array_equal(labels[batch[:120]].reshape(10, 12),
-                                  np.repeat(labels[batch[:120:12]][:, None], 12, axis=1))
+    np.testing.assert_array_equal(
+        labels[batch[:120]].reshape(10, 12), np.repeat(labels[batch[:120:12]][:, None], 12, axis=1)
+    )
     assert sorted(labels[batch[:120:12]]) == list(range(10))
     assert np.all(np.bincount(labels[batch], minlength=10) >= 12)
   fills = np.concatenate([sampler.indices(s)[120:] for s in range(50)])
@@ -280,7 +299,7 @@ MEAN, STD = (0.2, 0.5, 0.7), (0.3, 0.25, 0.2)
 def _numpy_augment(images, offsets, flips, pad):
   height, width = images.shape[1:3]
   padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-  out = np.stack([p[r:r + height, c:c + width] for p, (r, c) in zip(padded, offsets)])
+  out = np.stack([p[r : r + height, c : c + width] for p, (r, c) in zip(padded, offsets)])
   out = np.where(np.asarray(flips)[:, None, None, None], out[:, :, ::-1], out)
   return (out.astype(np.float32) / 255 - np.float32(MEAN)) / np.float32(STD)
 
@@ -311,14 +330,14 @@ def test_augment_pads_with_black_pixels():
   black_rows = (rows < 4) | (rows >= 9)
   black_cols = (cols < 4) | (cols >= 9)
   np.testing.assert_array_equal(is_black.all(axis=2), black_rows | black_cols.all(1)[:, None])
-  np.testing.assert_array_equal(is_black.sum(axis=(1, 2)),
-                                25 - (~black_rows).sum(1) * (~black_cols).sum(1))
+  np.testing.assert_array_equal(
+      is_black.sum(axis=(1, 2)), 25 - (~black_rows).sum(1) * (~black_cols).sum(1)
+  )
 
 
 def test_augment_without_crop_or_flip_is_normalize():
   images = np.random.default_rng(1).integers(0, 256, (4, 7, 7, 1), np.uint8)
-  out = augment.augment_batch(images, jax.random.key(0), mean=(0.3,), std=(0.4,), pad=0,
-                              flip=False)
+  out = augment.augment_batch(images, jax.random.key(0), mean=(0.3,), std=(0.4,), pad=0, flip=False)
   np.testing.assert_allclose(out, augment.normalize(images, (0.3,), (0.4,)), rtol=1e-6)
   np.testing.assert_allclose(out, (images / 255 - 0.3) / 0.4, rtol=1e-5, atol=1e-6)
 
@@ -331,8 +350,17 @@ _FAKE_IMAGENET = _fake_records(37, lambda i: (20 + i % 13, 47 - i % 11, 3), seed
 
 
 def _imagenet(**kwargs):
-  options = dict(split='train', data_dir=None, global_batch=8, seed=3, image_size=16,
-                 shard_index=0, shard_count=1, source=_FAKE_IMAGENET, num_threads=2)
+  options = dict(
+      split='train',
+      data_dir=None,
+      global_batch=8,
+      seed=3,
+      image_size=16,
+      shard_index=0,
+      shard_count=1,
+      source=_FAKE_IMAGENET,
+      num_threads=2,
+  )
   options.update(kwargs)
   return data.imagenet_iterator(**options)
 
@@ -349,7 +377,7 @@ def test_imagenet_train_stream_is_deterministic_resumable_and_sharded():
   labels = np.array([r['label'] for r in _FAKE_IMAGENET])
   # Epoch 0 = the first 37 stream positions: every example once.
   for epoch in range(2):
-    ids = stream[37 * epoch:37 * (epoch + 1)]
+    ids = stream[37 * epoch : 37 * (epoch + 1)]
     np.testing.assert_array_equal(np.sort(ids), np.sort(labels))
   # Each example carries its position in the split (memory banks are indexed by it).
   index = np.concatenate([b['index'] for b in batches])
@@ -368,8 +396,9 @@ def test_imagenet_train_stream_is_deterministic_resumable_and_sharded():
 
 
 def test_imagenet_eval_pass_is_padded_and_masked():
-  shards = [list(_imagenet(split='test', train=False, shard_index=s, shard_count=2))
-            for s in range(2)]
+  shards = [
+      list(_imagenet(split='test', train=False, shard_index=s, shard_count=2)) for s in range(2)
+  ]
   assert [len(s) for s in shards] == [5, 5]  # 37 padded to 40 = 5 global batches of 8
   mask = np.concatenate([b['mask'] for s in shards for b in s])
   assert mask.sum() == 37
@@ -392,7 +421,18 @@ def test_imagenet_transforms():
 
 def test_imagenet_test_split_reads_validation(tmp_path, monkeypatch):
   requested = _patch_prepared_tfds(monkeypatch, _FAKE_IMAGENET)
-  batch = next(data.imagenet_iterator('test', str(tmp_path), 8, 0, image_size=16, shard_index=0,
-                                      shard_count=1, train=False, num_threads=2))
+  batch = next(
+      data.imagenet_iterator(
+          'test',
+          str(tmp_path),
+          8,
+          0,
+          image_size=16,
+          shard_index=0,
+          shard_count=1,
+          train=False,
+          num_threads=2,
+      )
+  )
   assert requested == [('imagenet2012', 'validation')]
   assert batch['image'].shape == (8, 16, 16, 3)

@@ -1,5 +1,6 @@
 """Teacher loading from a real mcl_jax checkpoint, the KD / CKD / CRCD students and MCL-OKD's
 multi-branch cohort, end to end through train.run at toy size (a few steps each)."""
+
 import importlib.util
 import os
 
@@ -26,29 +27,51 @@ def _run(config, workdir):
 def teacher_dir(tmp_path_factory):
   """A ResNet-20 teacher trained 2 steps by mcl_jax (peer 0 of an `independent` run)."""
   workdir = tmp_path_factory.mktemp('teacher')
-  _run(tiny_config(**{'method.name': 'independent', 'model.arch': TEACHER_ARCH,
-                      'cohort.num_peers': 1, 'total_steps': 2, 'data.eval_examples': 32}), workdir)
+  _run(
+      tiny_config(
+          **{
+              'method.name': 'independent',
+              'model.arch': TEACHER_ARCH,
+              'cohort.num_peers': 1,
+              'total_steps': 2,
+              'data.eval_examples': 32,
+          }
+      ),
+      workdir,
+  )
   return str(workdir)
 
 
 def student_config(method, teacher_dir, **overrides):
-  return tiny_config(**{'method.name': method, 'model.arch': STUDENT_ARCH, 'cohort.num_peers': 1,
-                        'total_steps': 2, 'data.eval_examples': 32, 'teacher.arch': TEACHER_ARCH,
-                        'teacher.checkpoint': teacher_dir, 'method.num_negatives': 16,
-                        **overrides})
+  return tiny_config(
+      **{
+          'method.name': method,
+          'model.arch': STUDENT_ARCH,
+          'cohort.num_peers': 1,
+          'total_steps': 2,
+          'data.eval_examples': 32,
+          'teacher.arch': TEACHER_ARCH,
+          'teacher.checkpoint': teacher_dir,
+          'method.num_negatives': 16,
+          **overrides,
+      }
+  )
 
 
 def test_teacher_is_peer0_of_the_checkpoint_frozen_and_in_inference_mode(teacher_dir):
   teacher = teacher_lib.load_teacher(student_config('kd', teacher_dir))
   saved = ocp.StandardCheckpointer().restore(
-      os.path.join(teacher_dir, 'checkpoints', 'latest', '2', 'state'))
-  for got, want in zip(jax.tree.leaves(teacher.params),
-                       jax.tree.leaves(saved['params']['peers'][0])):
+      os.path.join(teacher_dir, 'checkpoints', 'latest', '2', 'state')
+  )
+  for got, want in zip(
+      jax.tree.leaves(teacher.params), jax.tree.leaves(saved['params']['peers'][0])
+  ):
     np.testing.assert_array_equal(got, want[0])
   images = jax.random.normal(jax.random.key(1), (4, 28, 28, 1))
   variables = {'params': teacher.params, 'batch_stats': teacher.batch_stats}
-  np.testing.assert_array_equal(teacher(images)['logits'],
-                                teacher.model.apply(variables, images, train=False)['logits'])
+  np.testing.assert_array_equal(
+      teacher(images)['logits'], teacher.model.apply(variables, images, train=False)['logits']
+  )
   grads = jax.grad(lambda t: jnp.sum(t(images)['logits'] ** 2))(teacher)
   assert all(np.all(np.asarray(g) == 0) for g in jax.tree.leaves(grads))
 
@@ -60,8 +83,14 @@ def test_missing_or_mismatched_teacher_fails_clearly(teacher_dir, tmp_path):
     teacher_lib.load_teacher(student_config('ckd', teacher_dir, **{'teacher.arch': 'resnet32'}))
 
 
-@pytest.mark.parametrize('method,terms', [('kd', ('ce', 'kd')), ('ckd', ('ce', 'ckd')),
-                                          ('crcd', ('ce', 'kd', 'crcd_feat', 'crcd_grad'))])
+@pytest.mark.parametrize(
+    'method,terms',
+    [
+        ('kd', ('ce', 'kd')),
+        ('ckd', ('ce', 'ckd')),
+        ('crcd', ('ce', 'kd', 'crcd_feat', 'crcd_grad')),
+    ],
+)
 def test_student_methods_train(teacher_dir, tmp_path, method, terms):
   # CRCD: distillation on for the first half (step 0 only), so the logged step-1 loss is CE.
   config = student_config(method, teacher_dir, **{'method.distill_fraction': 0.5})
@@ -72,37 +101,65 @@ def test_student_methods_train(teacher_dir, tmp_path, method, terms):
     return
   assert last['train/loss'] == pytest.approx(config.method.gamma * last['train/ce'], rel=1e-6)
   state = ocp.StandardCheckpointer().restore(
-      os.path.join(tmp_path, 'checkpoints', 'latest', '2', 'state'))
+      os.path.join(tmp_path, 'checkpoints', 'latest', '2', 'state')
+  )
   assert np.all(state['method_state']['Z']['feat'] > 0) and np.all(
-      state['method_state']['Z']['grad'] > 0)  # fixed after the first step
+      state['method_state']['Z']['grad'] > 0
+  )  # fixed after the first step
   assert set(state['params']['method']['heads']) == {'feat', 'feat_t', 'grad', 'grad_t'}
 
 
 def test_mcl_okd_branches_are_evaluated_as_peers(tmp_path):
-  config = tiny_config(**{'method.name': 'mcl_okd', 'model.arch': 'resnet8_okd2',
-                          'cohort.num_peers': 1, 'total_steps': 2, 'data.eval_examples': 32,
-                          'method.num_negatives': 16, 'method.beta': 0.025})
+  config = tiny_config(
+      **{
+          'method.name': 'mcl_okd',
+          'model.arch': 'resnet8_okd2',
+          'cohort.num_peers': 1,
+          'total_steps': 2,
+          'data.eval_examples': 32,
+          'method.num_negatives': 16,
+          'method.beta': 0.025,
+      }
+  )
   last = _run(config, tmp_path)[-1]
-  for key in ('train/ce', 'train/dot', 'train/mcl', 'eval/peer_0/top1', 'eval/peer_1/top1',
-              'eval/ensemble/top1'):
+  for key in (
+      'train/ce',
+      'train/dot',
+      'train/mcl',
+      'eval/peer_0/top1',
+      'eval/peer_1/top1',
+      'eval/ensemble/top1',
+  ):
     assert np.isfinite(last[key]), (key, last)
   assert 'eval/peer_2/top1' not in last
 
 
 def test_multi_branch_resnet_shares_stem_and_first_stage():
   def count(arch, channels=3, **kw):
-    shapes = jax.eval_shape(lambda: models.get_model(arch, 100, **kw).init(
-        jax.random.key(0), jnp.zeros((1, 32, 32, channels)), train=False)['params'])
+    shapes = jax.eval_shape(
+        lambda: models.get_model(arch, 100, **kw).init(
+            jax.random.key(0), jnp.zeros((1, 32, 32, channels)), train=False
+        )['params']
+    )
     return sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes))
+
   full, tail = count('resnet32'), count('resnet32', channels=16, first_stage=1)
   assert count('resnet32_okd4') == full + 3 * tail  # 1 shared trunk, 4 tails
 
 
-@pytest.mark.parametrize('config_arg', [
-    'fashion_mnist_kd.py:role=teacher,smoke', 'fashion_mnist_kd.py:method=crcd,smoke',
-    'fashion_mnist_kd.py:method=mcl_okd,smoke', 'cifar100_teacher.py:smoke',
-    'cifar100_ckd.py:pair=res56_res20,smoke', 'cifar100_ckd.py:pair=vgg13_mv2,kd,smoke',
-    'cifar100_crcd.py:pair=wrn40_2_wrn_16_2,smoke', 'cifar100_mcl_okd.py:arch=resnet110,smoke'])
+@pytest.mark.parametrize(
+    'config_arg',
+    [
+        'fashion_mnist_kd.py:role=teacher,smoke',
+        'fashion_mnist_kd.py:method=crcd,smoke',
+        'fashion_mnist_kd.py:method=mcl_okd,smoke',
+        'cifar100_teacher.py:smoke',
+        'cifar100_ckd.py:pair=res56_res20,smoke',
+        'cifar100_ckd.py:pair=vgg13_mv2,kd,smoke',
+        'cifar100_crcd.py:pair=wrn40_2_wrn_16_2,smoke',
+        'cifar100_mcl_okd.py:arch=resnet110,smoke',
+    ],
+)
 def test_configs_validate(config_arg):
   name, arg = config_arg.split(':')
   spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, 'configs', name))
@@ -110,5 +167,5 @@ def test_configs_validate(config_arg):
   spec.loader.exec_module(module)
   config = module.get_config(arg)
   config.data.name = 'fashion_mnist'  # CIFAR-100 is not prepared here
-  config_lib.validate(config)
+  train.validate(config)
   assert config.total_steps == 12  # smoke

@@ -1,6 +1,7 @@
 """L-MCL: the meta-gradient machinery (mcl_jax.meta) against hand derivations and finite
 differences in float64, the method's terms against independent NumPy / loop references on a
 heterogeneous cohort, and a smoke training run with the meta step."""
+
 import json
 import os
 
@@ -27,7 +28,7 @@ def quadratic_problem(size=5, seed=0):
   rng = np.random.default_rng(seed)
   theta0, phi, target = rng.normal(size=size), rng.uniform(0.5, 1.5, size), rng.normal(size=size)
   inner = lambda theta, p: 0.5 * jnp.sum(p * theta**2)  # noqa: E731
-  outer = lambda theta: 0.5 * jnp.sum((theta - target)**2)  # noqa: E731
+  outer = lambda theta: 0.5 * jnp.sum((theta - target) ** 2)  # noqa: E731
   return theta0, phi, target, inner, outer
 
 
@@ -54,15 +55,20 @@ def test_one_inner_step_matches_hand_derived_gradient():
       got = meta.hypergradient(jnp.asarray(phi), jnp.asarray(theta0), inner, outer, mode=mode, **kw)
       np.testing.assert_allclose(got, expected, rtol=1e-12)
     unrolled = meta.unrolled_outer_loss(jnp.asarray(phi), jnp.asarray(theta0), inner, outer, **kw)
-    np.testing.assert_allclose(unrolled, 0.5 * np.sum((theta2 - target)**2), rtol=1e-12)
+    np.testing.assert_allclose(unrolled, 0.5 * np.sum((theta2 - target) ** 2), rtol=1e-12)
 
 
 def test_rolled_and_unrolled_trajectories_agree():
   with jax.enable_x64(True):
     theta0, phi, _, inner, outer = quadratic_problem(seed=2)
     kw = dict(lr=LR, weight_decay=WD, momentum=MU, inner_steps=3)
-    grads = [meta.hypergradient(jnp.asarray(phi), jnp.asarray(theta0), inner, outer, unroll=u,
-                                remat=r, **kw) for u in (True, False) for r in (True, False)]
+    grads = [
+        meta.hypergradient(
+            jnp.asarray(phi), jnp.asarray(theta0), inner, outer, unroll=u, remat=r, **kw
+        )
+        for u in (True, False)
+        for r in (True, False)
+    ]
     for g in grads[1:]:
       np.testing.assert_allclose(g, grads[0], rtol=1e-12)
 
@@ -77,8 +83,9 @@ def test_official_mode_differs_by_the_documented_amount():
     args = (jnp.asarray(phi), jnp.asarray(theta0), inner, outer)
     exact = meta.hypergradient(*args, mode='exact', **kw)
     official = meta.hypergradient(*args, mode='official', **kw)
-    np.testing.assert_allclose(official - exact,
-                               (1 - WD) * MU * LR**2 * theta0 * (theta3 - target), rtol=1e-10)
+    np.testing.assert_allclose(
+        official - exact, (1 - WD) * MU * LR**2 * theta0 * (theta3 - target), rtol=1e-10
+    )
     assert np.max(np.abs(official - exact)) > 1e-3 * np.max(np.abs(exact))
     adjoint = meta._adjoint_hypergradient(*args, coupling=WD, **kw)  # pylint: disable=protected-access
     np.testing.assert_allclose(adjoint, exact, rtol=1e-10)
@@ -91,19 +98,27 @@ def dense_problem(seed=0, batch=6, in_dim=4, width=3, proj=2, classes=3):
   rng = np.random.default_rng(seed)
   x = rng.normal(size=(batch, in_dim))
   y = rng.integers(0, classes, batch)
-  theta = {'a': rng.normal(size=(in_dim, width)), 'b': rng.normal(size=(in_dim, width)),
-           'cls_a': rng.normal(size=(width, classes)), 'cls_b': rng.normal(size=(width, classes))}
-  phi = {'pa': rng.normal(size=(width, proj)), 'pb': rng.normal(size=(width, proj)),
-         'bias': rng.normal(size=(2, proj))}
+  theta = {
+      'a': rng.normal(size=(in_dim, width)),
+      'b': rng.normal(size=(in_dim, width)),
+      'cls_a': rng.normal(size=(width, classes)),
+      'cls_b': rng.normal(size=(width, classes)),
+  }
+  phi = {
+      'pa': rng.normal(size=(width, proj)),
+      'pb': rng.normal(size=(width, proj)),
+      'bias': rng.normal(size=(2, proj)),
+  }
 
   def features(t):
     return jnp.tanh(x @ t['a']), jnp.tanh(x @ t['b'])
 
   def inner(t, p):
     fa, fb = features(t)
-    w = losses.layer_match_weights(jnp.stack([fa @ p['pa'] + p['bias'][0],
-                                              fb @ p['pb'] + p['bias'][1]])[:, None])  # [2, B]
-    per_sample = jnp.sum((fa - fb)**2, axis=-1)
+    w = losses.layer_match_weights(
+        jnp.stack([fa @ p['pa'] + p['bias'][0], fb @ p['pb'] + p['bias'][1]])[:, None]
+    )  # [2, B]
+    per_sample = jnp.sum((fa - fb) ** 2, axis=-1)
     return jnp.sum(w * per_sample[None])
 
   def outer(t):
@@ -123,18 +138,33 @@ def test_hypergradient_matches_central_finite_differences():
     f = jax.jit(lambda p: meta.unrolled_outer_loss(p, theta, inner, outer, **kw))
     flat, unravel = jax.flatten_util.ravel_pytree(phi)
     eps = 1e-5
-    fd = np.array([(f(unravel(flat + eps * e)) - f(unravel(flat - eps * e))) / (2 * eps)
-                   for e in np.eye(flat.size)])
+    fd = np.array(
+        [
+            (f(unravel(flat + eps * e)) - f(unravel(flat - eps * e))) / (2 * eps)
+            for e in np.eye(flat.size)
+        ]
+    )
     assert np.max(np.abs(fd)) > 1e-4  # phi really moves the outer loss
     for second_order in meta.SECOND_ORDER:
       for remat in (True, False):
-        got = jax.flatten_util.ravel_pytree(meta.hypergradient(
-            phi, theta, inner, outer, remat=remat, second_order=second_order, **kw))[0]
+        got = jax.flatten_util.ravel_pytree(
+            meta.hypergradient(
+                phi, theta, inner, outer, remat=remat, second_order=second_order, **kw
+            )
+        )[0]
         np.testing.assert_allclose(got, fd, rtol=1e-6, atol=1e-10)
-      adjoint = meta._adjoint_hypergradient(phi, theta, inner, outer, coupling=WD,  # pylint: disable=protected-access
-                                            second_order=second_order, **kw)
-      np.testing.assert_allclose(jax.flatten_util.ravel_pytree(adjoint)[0], fd, rtol=1e-6,
-                                 atol=1e-10)
+      adjoint = meta._adjoint_hypergradient(
+          phi,
+          theta,
+          inner,
+          outer,
+          coupling=WD,  # pylint: disable=protected-access
+          second_order=second_order,
+          **kw
+      )
+      np.testing.assert_allclose(
+          jax.flatten_util.ravel_pytree(adjoint)[0], fd, rtol=1e-6, atol=1e-10
+      )
 
 
 def test_reverse_over_forward_gradient_has_the_second_order_vjp_of_nested_grad():
@@ -160,17 +190,30 @@ def test_second_order_rules_agree_under_jit_with_closed_over_arrays():
   """As in the meta step: losses close over the jit's float and integer arrays (a batch and its
   labels); both rules, both modes, with and without remat give one hyper-gradient."""
   with jax.enable_x64(True):
+
     def hypergradients(theta, labels, scale):
       inner = lambda th, p: jnp.sum(p * jnp.sin(th) ** 2 * scale * labels)  # noqa: E731
       outer = lambda th: jnp.sum((th - labels) ** 2 * scale)  # noqa: E731
       kw = dict(lr=LR, weight_decay=WD, momentum=MU, inner_steps=2)
-      return [meta.hypergradient(jnp.linspace(0.5, 1.5, 4), theta, inner, outer, mode=mode,
-                                 remat=remat, second_order=order, **kw)
-              for mode in meta.MODES for remat in (True, False) for order in meta.SECOND_ORDER]
+      return [
+          meta.hypergradient(
+              jnp.linspace(0.5, 1.5, 4),
+              theta,
+              inner,
+              outer,
+              mode=mode,
+              remat=remat,
+              second_order=order,
+              **kw
+          )
+          for mode in meta.MODES
+          for remat in (True, False)
+          for order in meta.SECOND_ORDER
+      ]
 
     got = jax.jit(hypergradients)(jnp.linspace(-1.0, 2.0, 4), jnp.arange(4), 1.5)
     for mode_index in range(2):
-      block = got[4 * mode_index:4 * mode_index + 4]
+      block = got[4 * mode_index : 4 * mode_index + 4]
       assert np.max(np.abs(block[0])) > 1e-3
       for g in block[1:]:
         np.testing.assert_allclose(g, block[0], rtol=1e-12, atol=1e-15)
@@ -186,28 +229,41 @@ def test_per_leaf_weight_decay_matches_finite_differences_and_the_adjoint():
     phi = jax.tree.map(jnp.asarray, phi)
     wd_tree = {'a': 0.2, 'b': 0.0, 'cls_a': 0.05, 'cls_b': 0.0}
     kw = dict(lr=LR, momentum=MU, inner_steps=2)
-    f = jax.jit(lambda p: meta.unrolled_outer_loss(p, theta, inner, outer, weight_decay=wd_tree,
-                                                   **kw))
+    f = jax.jit(
+        lambda p: meta.unrolled_outer_loss(p, theta, inner, outer, weight_decay=wd_tree, **kw)
+    )
     flat, unravel = jax.flatten_util.ravel_pytree(phi)
     eps = 1e-5
-    fd = np.array([(f(unravel(flat + eps * e)) - f(unravel(flat - eps * e))) / (2 * eps)
-                   for e in np.eye(flat.size)])
+    fd = np.array(
+        [
+            (f(unravel(flat + eps * e)) - f(unravel(flat - eps * e))) / (2 * eps)
+            for e in np.eye(flat.size)
+        ]
+    )
     got = meta.hypergradient(phi, theta, inner, outer, weight_decay=wd_tree, **kw)
     np.testing.assert_allclose(jax.flatten_util.ravel_pytree(got)[0], fd, rtol=1e-6, atol=1e-10)
-    adjoint = meta._adjoint_hypergradient(phi, theta, inner, outer, weight_decay=wd_tree,  # pylint: disable=protected-access
-                                          coupling=wd_tree, **kw)
-    np.testing.assert_allclose(jax.flatten_util.ravel_pytree(adjoint)[0], fd, rtol=1e-6,
-                               atol=1e-10)
-    uniform = meta.hypergradient(phi, theta, inner, outer,
-                                 weight_decay=jax.tree.map(lambda _: 0.2, wd_tree), **kw)
+    adjoint = meta._adjoint_hypergradient(
+        phi,
+        theta,
+        inner,
+        outer,
+        weight_decay=wd_tree,  # pylint: disable=protected-access
+        coupling=wd_tree,
+        **kw
+    )
+    np.testing.assert_allclose(jax.flatten_util.ravel_pytree(adjoint)[0], fd, rtol=1e-6, atol=1e-10)
+    uniform = meta.hypergradient(
+        phi, theta, inner, outer, weight_decay=jax.tree.map(lambda _: 0.2, wd_tree), **kw
+    )
     scalar = meta.hypergradient(phi, theta, inner, outer, weight_decay=0.2, **kw)
     chex.assert_trees_all_close(uniform, scalar, rtol=1e-14, atol=0)
     # The spared leaves really change the answer (the test would pass for any wd otherwise).
     assert not np.allclose(jax.flatten_util.ravel_pytree(scalar)[0], fd, rtol=1e-3)
     # One virtual step moves a spared leaf by its gradient alone.
     grads = jax.tree.map(jnp.ones_like, theta)
-    stepped, _ = meta.virtual_sgd_step(theta, jax.tree.map(jnp.zeros_like, theta), grads, lr=LR,
-                                       weight_decay=wd_tree, momentum=MU)
+    stepped, _ = meta.virtual_sgd_step(
+        theta, jax.tree.map(jnp.zeros_like, theta), grads, lr=LR, weight_decay=wd_tree, momentum=MU
+    )
     np.testing.assert_allclose(stepped['b'], theta['b'] - LR, rtol=1e-14)
     np.testing.assert_allclose(stepped['a'], theta['a'] - LR * (1 + 0.2 * theta['a']), rtol=1e-14)
 
@@ -217,8 +273,9 @@ def test_meta_sgd_update_is_torch_nesterov():
   state = meta.meta_optimizer(WD, MU).init(jnp.asarray(phi))
   buf = np.zeros(2)
   for lr in (0.1, 0.05):
-    new_phi, state = meta.meta_sgd_update(jnp.asarray(phi), jnp.asarray(grad), state, lr,
-                                          weight_decay=WD, momentum=MU)
+    new_phi, state = meta.meta_sgd_update(
+        jnp.asarray(phi), jnp.asarray(grad), state, lr, weight_decay=WD, momentum=MU
+    )
     g = grad + WD * phi
     buf = MU * buf + g
     phi = phi - lr * (g + MU * buf)
@@ -245,23 +302,23 @@ def np_dense(p, x):
 def test_method_terms_match_references_on_heterogeneous_cohort():
   config = config_lib.base_config()
   config.model.archs, config.cohort.num_peers = ('resnet8', 'wrn_16_2'), 2
-  config.method.update(name='lmcl', embed_dim=16)
+  config.method = methods.config('lmcl', embed_dim=16)
   cohort = cohort_lib.build_cohort(config.model, config.cohort, num_classes=4)
-  method = methods.get_method(config.method)
+  method = methods.build(config.method)
   images = jax.random.normal(jax.random.key(1), (8, 8, 8, 3))
   labels = np.arange(8) // 2
   peer_params, peer_stats = jax.jit(cohort.init)(jax.random.key(0), images[:1])
   params, state = jax.jit(lambda k: method.init(k, cohort, labels))(jax.random.key(2))
   outputs, _ = jax.jit(lambda p, s: cohort.apply(p, s, images, train=True))(peer_params, peer_stats)
-  ctx = LossContext(rng=None, step=jnp.zeros((), jnp.int32), peer_params=peer_params,
-                    cohort=cohort)
+  ctx = LossContext(rng=None, step=jnp.zeros((), jnp.int32), peer_params=peer_params, cohort=cohort)
 
   @jax.jit
   def method_outputs(params, state, outputs):
-    stages, _ = method.stages(cohort, params['branches'], state['batch_stats'], outputs,
-                              train=True)
-    return (method.loss(params, state, outputs, {'label': labels}, ctx),
-            method.match_weights(state['phi'], stages))
+    stages, _ = method.stages(cohort, params['branches'], state['batch_stats'], outputs, train=True)
+    return (
+        method.loss(params, state, outputs, {'label': labels}, ctx),
+        method.match_weights(state['phi'], stages),
+    )
 
   (total, terms, new_state), method_weights = method_outputs(params, state, outputs)
 
@@ -273,39 +330,69 @@ def test_method_terms_match_references_on_heterogeneous_cohort():
       out = jax.tree.map(lambda x: x[0], outputs['groups'][g])
       peer_feats, peer_logits = [], []
       for first in (1, 2):
-        variables = {'params': jax.tree.map(lambda x: x[0], params['branches'][g][first - 1]),
-                     'batch_stats': jax.tree.map(lambda x: x[0],
-                                                 state['batch_stats'][g][first - 1])}
+        variables = {
+            'params': jax.tree.map(lambda x: x[0], params['branches'][g][first - 1]),
+            'batch_stats': jax.tree.map(lambda x: x[0], state['batch_stats'][g][first - 1]),
+        }
         branch, _ = method.branch_model(group, first).apply(
-            variables, out['stages'][first - 1], train=True, mutable=['batch_stats'])
+            variables, out['stages'][first - 1], train=True, mutable=['batch_stats']
+        )
         peer_feats.append(branch['feature'])
         peer_logits.append(branch['logits'])
       feats.append(peer_feats + [out['feature']])
       logits.append(peer_logits + [out['logits']])
     return feats, logits
 
-  feats, logits = jax.tree.map(lambda x: np.asarray(x, np.float64),
-                               reference_stages(params, state, outputs))
+  feats, logits = jax.tree.map(
+      lambda x: np.asarray(x, np.float64), reference_stages(params, state, outputs)
+  )
   K, S = 2, 3
   # Layer-matching weights in the spec's order (i, j != i, s, t), NumPy.
-  proj = [[np_dense(jax.tree.map(lambda x: x[0, s], state['phi'][k]), feats[k][s])
-           for s in range(S)] for k in range(K)]
+  proj = [
+      [np_dense(jax.tree.map(lambda x: x[0, s], state['phi'][k]), feats[k][s]) for s in range(S)]
+      for k in range(K)
+  ]
   unit = [[p / np.linalg.norm(p, axis=-1, keepdims=True) for p in row] for row in proj]
-  w = np.array([1 / (1 + np.exp(-np.sum(unit[i][s] * unit[j][t], axis=-1)))
-                for i in range(K) for j in range(K) if j != i for s in range(S) for t in range(S)])
+  w = np.array(
+      [
+          1 / (1 + np.exp(-np.sum(unit[i][s] * unit[j][t], axis=-1)))
+          for i in range(K)
+          for j in range(K)
+          if j != i
+          for s in range(S)
+          for t in range(S)
+      ]
+  )
   # Contrastive terms: loop over combinations of the per-pair function.
-  emb = [[method.head.apply({'params': jax.tree.map(lambda x: x[0, s], params['heads'][k])},
-                            jnp.asarray(feats[k][s], jnp.float32)) for s in range(S)]
-         for k in range(K)]
-  combos = [(i, j, s, t) for i in range(K) for j in range(K) if j != i
-            for s in range(S) for t in range(S)]
+  emb = [
+      [
+          method.head.apply(
+              {'params': jax.tree.map(lambda x: x[0, s], params['heads'][k])},
+              jnp.asarray(feats[k][s], jnp.float32),
+          )
+          for s in range(S)
+      ]
+      for k in range(K)
+  ]
+  combos = [
+      (i, j, s, t) for i in range(K) for j in range(K) if j != i for s in range(S) for t in range(S)
+  ]
   pair_terms = jax.jit(losses.pair_mcl_terms, static_argnums=(4, 5))
-  pair = np.sum([np.asarray(pair_terms(emb[i][s], emb[j][t], labels, w[n], config.method.tau,
-                                       config.method.kd_T))
-                 for n, (i, j, s, t) in enumerate(combos)], axis=0)
+  pair = np.sum(
+      [
+          np.asarray(
+              pair_terms(emb[i][s], emb[j][t], labels, w[n], config.method.tau, config.method.kd_T)
+          )
+          for n, (i, j, s, t) in enumerate(combos)
+      ],
+      axis=0,
+  )
   # CE of every stage, aggregator, KD, NumPy.
-  ce = -sum(np.mean(np_log_softmax(logits[k][s])[np.arange(8), labels])
-            for k in range(K) for s in range(S))
+  ce = -sum(
+      np.mean(np_log_softmax(logits[k][s])[np.arange(8), labels])
+      for k in range(K)
+      for s in range(S)
+  )
   aggregated = []
   for k in range(K):
     p = jax.tree.map(lambda x: x[0], params['aggregator'][k])
@@ -313,8 +400,9 @@ def test_method_terms_match_references_on_heterogeneous_cohort():
     pi = np.exp(np_log_softmax(np_dense(p['fc2'], hidden)))
     aggregated.append(sum(pi[:, s, None] * logits[k][s] for s in range(S)))
   ce_agg = -sum(np.mean(np_log_softmax(a)[np.arange(8), labels]) for a in aggregated)
-  kd = sum(np_kl(logits[i][-1], aggregated[j], config.method.kd_T)
-           for i in range(K) for j in range(K))
+  kd = sum(
+      np_kl(logits[i][-1], aggregated[j], config.method.kd_T) for i in range(K) for j in range(K)
+  )
 
   c = config.method
   expected = dict(zip(('vcl', 'soft_vcl', 'icl', 'soft_icl'), pair), ce=ce, ce_agg=ce_agg, kd=kd)
@@ -322,12 +410,15 @@ def test_method_terms_match_references_on_heterogeneous_cohort():
   for name, value in expected.items():
     np.testing.assert_allclose(terms[name], value, rtol=2e-4, err_msg=name)
   np.testing.assert_allclose(
-      total, ce + ce_agg + kd + c.alpha * pair[0] + c.gamma * pair[1] + c.beta * pair[2]
-      + c.lam * pair[3], rtol=2e-4)
+      total,
+      ce + ce_agg + kd + c.alpha * pair[0] + c.gamma * pair[1] + c.beta * pair[2] + c.lam * pair[3],
+      rtol=2e-4,
+  )
   # The method's weights are the spec's, and its branch BN statistics were updated.
   np.testing.assert_allclose(method_weights, w, rtol=1e-5)
-  assert not np.allclose(jax.tree.leaves(new_state['batch_stats'])[0],
-                         jax.tree.leaves(state['batch_stats'])[0])
+  assert not np.allclose(
+      jax.tree.leaves(new_state['batch_stats'])[0], jax.tree.leaves(state['batch_stats'])[0]
+  )
 
 
 def test_unit_weights_recover_plain_pair_terms():
@@ -338,22 +429,23 @@ def test_unit_weights_recover_plain_pair_terms():
   labels = jnp.asarray(np.arange(8) // 2)
   tau, T = 0.1, 3.0
   got = losses.layer_mcl_loss(emb[:, None], labels, jnp.ones((2, 8)), tau, T)
-  plain = (losses.vcl_loss(emb, labels, tau), losses.soft_vcl_loss(emb, tau, T),
-           losses.icl_loss(emb, labels, tau), losses.soft_icl_loss(emb, tau, T))
+  plain = (
+      losses.vcl_loss(emb, labels, tau),
+      losses.soft_vcl_loss(emb, tau, T),
+      losses.icl_loss(emb, labels, tau),
+      losses.soft_icl_loss(emb, tau, T),
+  )
   np.testing.assert_allclose(got, 2 * np.asarray(plain), rtol=1e-5)
 
 
 def test_lmcl_rejects_single_peer_and_multi_branch_models():
-  config = config_lib.base_config()
-  config.model.arch = 'resnet8'
-  config.method.name, config.cohort.num_peers = 'lmcl', 1
-  cohort = cohort_lib.build_cohort(config.model, config.cohort, num_classes=4)
-  with pytest.raises(ValueError, match='>= 2 peers'):
-    methods.get_method(config.method).init(jax.random.key(0), cohort, np.zeros(4, np.int32))
-  config.model.arch, config.cohort.num_peers = 'resnet8_okd2', 2
-  cohort = cohort_lib.build_cohort(config.model, config.cohort, num_classes=4)
-  with pytest.raises(ValueError, match='single-branch'):
-    methods.get_method(config.method).init(jax.random.key(0), cohort, np.zeros(4, np.int32))
+  """The method's own validation, run by train.validate before anything is built."""
+  config = tiny_config(**{'method.name': 'lmcl', 'cohort.num_peers': 1})
+  with pytest.raises(config_lib.ConfigError, match='lmcl needs >= 2 peers'):
+    train.validate(config)
+  config = tiny_config(**{'method.name': 'lmcl', 'model.arch': 'resnet8_okd2'})
+  with pytest.raises(config_lib.ConfigError, match='single-branch'):
+    train.validate(config)
 
 
 def test_memory_bank_lmcl_terms_and_final_stage_update():
@@ -362,32 +454,36 @@ def test_memory_bank_lmcl_terms_and_final_stage_update():
   memory move, by the momentum update with the FINAL-stage embeddings."""
   config = config_lib.base_config()
   config.model.arch, config.cohort.num_peers = 'resnet8', 2
-  config.method.update(name='lmcl', embed_dim=8, memory_bank=True, num_positives=1,
-                       num_negatives=6, tau=0.07)
+  config.method = methods.config(
+      'lmcl', embed_dim=8, memory_bank=True, num_positives=1, num_negatives=6, tau=0.07
+  )
   cohort = cohort_lib.build_cohort(config.model, config.cohort, num_classes=4)
-  method = methods.get_method(config.method)
+  method = methods.build(config.method)
   assert not method.class_balanced
   train_labels = np.arange(40, dtype=np.int32) % 4
-  batch = {'image': jax.random.normal(jax.random.key(1), (6, 8, 8, 3)),
-           'index': jnp.asarray([3, 17, 22, 8, 31, 0], jnp.int32)}
+  batch = {
+      'image': jax.random.normal(jax.random.key(1), (6, 8, 8, 3)),
+      'index': jnp.asarray([3, 17, 22, 8, 31, 0], jnp.int32),
+  }
   batch['label'] = jnp.asarray(train_labels[np.asarray(batch['index'])])
   peer_params, peer_stats = jax.jit(cohort.init)(jax.random.key(0), batch['image'][:1])
   params, state = jax.jit(lambda k: method.init(k, cohort, train_labels))(jax.random.key(2))
   assert state['memory'].shape == (2, 40, 8)
-  ctx = LossContext(rng=jax.random.key(5), step=jnp.zeros((), jnp.int32),
-                    peer_params=peer_params, cohort=cohort)
+  ctx = LossContext(
+      rng=jax.random.key(5), step=jnp.zeros((), jnp.int32), peer_params=peer_params, cohort=cohort
+  )
 
   @jax.jit
   def run(params, state):
     outputs, _ = cohort.apply(peer_params, peer_stats, batch['image'], train=True)
     _, terms, new_state = method.loss(params, state, outputs, batch, ctx)
-    stages, _ = method.stages(cohort, params['branches'], state['batch_stats'], outputs,
-                              train=True)
+    stages, _ = method.stages(cohort, params['branches'], state['batch_stats'], outputs, train=True)
     emb = method.embeddings(params['heads'], stages)
     idx = method.contrast_indices(state, batch, ctx.rng)
     weights = method.match_weights(state['phi'], stages)
-    expected = losses.memory_layer_mcl_loss(emb, state['memory'], idx, 1, weights, 0.07,
-                                            config.method.kd_T)
+    expected = losses.memory_layer_mcl_loss(
+        emb, state['memory'], idx, 1, weights, 0.07, config.method.kd_T
+    )
     return terms, new_state['memory'], emb, idx, expected
 
   terms, memory, emb, idx, expected = run(params, state)
@@ -397,8 +493,9 @@ def test_memory_bank_lmcl_terms_and_final_stage_update():
   assert np.all(labels_idx[:, 2:] != np.asarray(batch['label'])[:, None])
   for name, value in zip(('vcl', 'soft_vcl', 'icl', 'soft_icl'), expected):
     np.testing.assert_allclose(terms[name], value, rtol=1e-6, err_msg=name)
-  np.testing.assert_allclose(memory, losses.memory_update(state['memory'], emb[:, -1],
-                                                          batch["index"], 0.5), atol=1e-6)
+  np.testing.assert_allclose(
+      memory, losses.memory_update(state['memory'], emb[:, -1], batch['index'], 0.5), atol=1e-6
+  )
   untouched = np.setdiff1d(np.arange(40), np.asarray(batch['index']))
   np.testing.assert_array_equal(memory[:, untouched], np.asarray(state['memory'])[:, untouched])
 
@@ -407,8 +504,15 @@ def test_memory_bank_lmcl_terms_and_final_stage_update():
 # Smoke run: the loop with the meta step.
 # ---------------------------------------------------------------------------------------------- #
 def test_smoke_training_run_with_meta_step(tmp_path):
-  config = tiny_config(**{'method.name': 'lmcl', 'method.meta_every_steps': 2,
-                          'cohort.strategy': 'vmap', 'total_steps': 4, 'eval_every_steps': 4})
+  config = tiny_config(
+      **{
+          'method.name': 'lmcl',
+          'method.meta_every_steps': 2,
+          'cohort.strategy': 'vmap',
+          'total_steps': 4,
+          'eval_every_steps': 4,
+      }
+  )
   workdir = str(tmp_path)
   result = train.run(config, workdir)
   assert 0 <= result['eval/best_peer/top1'] <= 1
@@ -423,8 +527,11 @@ def test_smoke_training_run_with_meta_step(tmp_path):
   state, _ = ckpt.restore_latest(exp.abstract_state_with_shardings())
   ckpt.close()
   initial = exp.init_state()
-  moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))),
-                       state.method_state['phi'], initial.method_state['phi'])
+  moved = jax.tree.map(
+      lambda a, b: float(jnp.max(jnp.abs(a - b))),
+      state.method_state['phi'],
+      initial.method_state['phi'],
+  )
   assert all(np.isfinite(m) and m > 0 for m in jax.tree.leaves(moved))
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.method_state))
 
@@ -453,9 +560,17 @@ def test_virtual_steps_follow_the_optimizers_weight_decay_mask(monkeypatch):
 
 def test_smoke_memory_bank_run_with_meta_step(tmp_path):
   """The ImageNet variant end to end on the tiny data: memory moves, phi moves, all finite."""
-  config = tiny_config(**{'method.name': 'lmcl', 'method.meta_every_steps': 2,
-                          'method.memory_bank': True, 'method.num_negatives': 16,
-                          'method.embed_dim': 16, 'total_steps': 3, 'eval_every_steps': 3})
+  config = tiny_config(
+      **{
+          'method.name': 'lmcl',
+          'method.meta_every_steps': 2,
+          'method.memory_bank': True,
+          'method.num_negatives': 16,
+          'method.embed_dim': 16,
+          'total_steps': 3,
+          'eval_every_steps': 3,
+      }
+  )
   result = train.run(config, str(tmp_path))
   assert 0 <= result['eval/best_peer/top1'] <= 1
   exp = train.Experiment(config)
@@ -464,22 +579,28 @@ def test_smoke_memory_bank_run_with_meta_step(tmp_path):
   ckpt.close()
   initial = exp.init_state()
   for name in ('memory', 'phi'):
-    moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), state.method_state[name],
-                         initial.method_state[name])
+    moved = jax.tree.map(
+        lambda a, b: float(jnp.max(jnp.abs(a - b))),
+        state.method_state[name],
+        initial.method_state[name],
+    )
     assert all(np.isfinite(m) and m > 0 for m in jax.tree.leaves(moved)), name
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.method_state))
 
 
-@pytest.mark.parametrize('arch', ['resnet32', 'wrn_16_2', 'shufflenetv2_1_0', 'vgg8',
-                                  'mobilenetv2', 'resnet18'])
+@pytest.mark.parametrize(
+    'arch', ['resnet32', 'wrn_16_2', 'shufflenetv2_1_0', 'vgg8', 'mobilenetv2', 'resnet18']
+)
 def test_lmcl_builds_branches_for_every_model_family(arch):
   """Abstract init (no compute): auxiliary branches, heads, aggregators and phi for K = 2."""
   config = config_lib.base_config()
-  config.model.arch, config.cohort.num_peers, config.method.name = arch, 2, 'lmcl'
+  config.model.arch, config.cohort.num_peers = arch, 2
+  config.method = methods.config('lmcl')
   cohort = cohort_lib.build_cohort(config.model, config.cohort, num_classes=10)
   params, state = jax.eval_shape(
-      lambda k: methods.get_method(config.method).init(k, cohort, np.zeros(10, np.int32)),
-      jax.random.key(0))
+      lambda k: methods.build(config.method).init(k, cohort, np.zeros(10, np.int32)),
+      jax.random.key(0),
+  )
   num_stages = cohort.groups[0].model.num_stages
   assert len(params['branches'][0]) == num_stages - 1
   assert jax.tree.leaves(state['phi'])[0].shape[:2] == (2, num_stages)

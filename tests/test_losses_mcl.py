@@ -19,7 +19,6 @@ import pytest
 
 from mcl_jax import losses
 
-
 # ------------------------------------------------------------------------------------------------
 # NumPy float64 reference (explicit loops).
 # ------------------------------------------------------------------------------------------------
@@ -97,13 +96,15 @@ def ref_icl(z, y, tau, include_self_positive=False):
 
 
 def ref_soft_vcl(zs, zt, tau, T):
-  return sum(ref_kl(zs[k] @ zs[k].T / tau, zt[l] @ zt[l].T / tau, T)
-             for k, l in ordered_pairs(zs.shape[0]))
+  return sum(
+      ref_kl(zs[k] @ zs[k].T / tau, zt[l] @ zt[l].T / tau, T) for k, l in ordered_pairs(zs.shape[0])
+  )
 
 
 def ref_soft_icl(zs, zt, tau, T):
-  return sum(ref_kl(zs[k] @ zs[l].T / tau, zt[l] @ zt[k].T / tau, T)
-             for k, l in ordered_pairs(zs.shape[0]))
+  return sum(
+      ref_kl(zs[k] @ zs[l].T / tau, zt[l] @ zt[k].T / tau, T) for k, l in ordered_pairs(zs.shape[0])
+  )
 
 
 def ref_kd(ls, lt, T):
@@ -115,10 +116,13 @@ WEIGHTS = dict(alpha=0.1, beta=0.2, gamma=1.0, lam=0.7)
 
 
 def ref_mcl_total(zs, zt, ls, lt, y, tau, T, logit_kd=True):
-  total = (ref_ce(ls, y) + WEIGHTS['alpha'] * ref_vcl(zs, y, tau)
-           + WEIGHTS['beta'] * ref_icl(zs, y, tau)
-           + WEIGHTS['gamma'] * ref_soft_vcl(zs, zt, tau, T)
-           + WEIGHTS['lam'] * ref_soft_icl(zs, zt, tau, T))
+  total = (
+      ref_ce(ls, y)
+      + WEIGHTS['alpha'] * ref_vcl(zs, y, tau)
+      + WEIGHTS['beta'] * ref_icl(zs, y, tau)
+      + WEIGHTS['gamma'] * ref_soft_vcl(zs, zt, tau, T)
+      + WEIGHTS['lam'] * ref_soft_icl(zs, zt, tau, T)
+  )
   return total + (ref_kd(ls, lt, T) if logit_kd else 0.0)
 
 
@@ -140,12 +144,19 @@ def ref_memory_losses(zs, zt, memory, idx, num_pos, tau, T):
     own = ref_memory_logits(memory, idx, zs, k, k, tau)[:, 1:]
     out['vcl'] += ref_supcon(own, vcl_pos, np.ones_like(vcl_pos))
   for k, l in ordered_pairs(num_peers):
-    out['icl'] += ref_supcon(ref_memory_logits(memory, idx, zs, k, l, tau), icl_pos,
-                             np.ones_like(icl_pos))
-    out['soft_vcl'] += ref_kl(ref_memory_logits(memory, idx, zs, k, k, tau)[:, 1:],
-                              ref_memory_logits(memory, idx, zt, l, l, tau)[:, 1:], T)
-    out['soft_icl'] += ref_kl(ref_memory_logits(memory, idx, zs, k, l, tau),
-                              ref_memory_logits(memory, idx, zt, l, k, tau), T)
+    out['icl'] += ref_supcon(
+        ref_memory_logits(memory, idx, zs, k, l, tau), icl_pos, np.ones_like(icl_pos)
+    )
+    out['soft_vcl'] += ref_kl(
+        ref_memory_logits(memory, idx, zs, k, k, tau)[:, 1:],
+        ref_memory_logits(memory, idx, zt, l, l, tau)[:, 1:],
+        T,
+    )
+    out['soft_icl'] += ref_kl(
+        ref_memory_logits(memory, idx, zs, k, l, tau),
+        ref_memory_logits(memory, idx, zt, l, k, tau),
+        T,
+    )
   return out
 
 
@@ -162,14 +173,18 @@ def ref_memory_update(memory, emb, own_idx, m):
 def ref_pair_terms(ea_s, eb_s, ea_t, eb_t, y, w, tau, T):
   """Spec 3.1 for one combination; *_s = student side, *_t = (stop-gradient) target side."""
   pos, denom = ref_masks(y)
-  vcl = (ref_supcon(ea_s @ ea_s.T / tau, pos, denom, w)
-         + ref_supcon(eb_s @ eb_s.T / tau, pos, denom, w))
-  soft_vcl = (ref_kl(ea_s @ ea_s.T / tau, eb_t @ eb_t.T / tau, T, w)
-              + ref_kl(eb_s @ eb_s.T / tau, ea_t @ ea_t.T / tau, T, w))
-  icl = (ref_supcon(ea_s @ eb_s.T / tau, pos, denom, w)
-         + ref_supcon(eb_s @ ea_s.T / tau, pos, denom, w))
-  soft_icl = (ref_kl(ea_s @ eb_s.T / tau, eb_t @ ea_t.T / tau, T, w)
-              + ref_kl(eb_s @ ea_s.T / tau, ea_t @ eb_t.T / tau, T, w))
+  vcl = ref_supcon(ea_s @ ea_s.T / tau, pos, denom, w) + ref_supcon(
+      eb_s @ eb_s.T / tau, pos, denom, w
+  )
+  soft_vcl = ref_kl(ea_s @ ea_s.T / tau, eb_t @ eb_t.T / tau, T, w) + ref_kl(
+      eb_s @ eb_s.T / tau, ea_t @ ea_t.T / tau, T, w
+  )
+  icl = ref_supcon(ea_s @ eb_s.T / tau, pos, denom, w) + ref_supcon(
+      eb_s @ ea_s.T / tau, pos, denom, w
+  )
+  soft_icl = ref_kl(ea_s @ eb_s.T / tau, eb_t @ ea_t.T / tau, T, w) + ref_kl(
+      eb_s @ ea_s.T / tau, ea_t @ eb_t.T / tau, T, w
+  )
   return np.array([vcl, soft_vcl, icl, soft_icl])
 
 
@@ -181,8 +196,7 @@ def ref_layer(es, et, y, w5, tau, T):
     for m, j in enumerate([j for j in range(num_peers) if j != i]):
       for s in range(num_stages):
         for t in range(num_stages):
-          total += ref_pair_terms(es[i, s], es[j, t], et[i, s], et[j, t], y, w5[i, m, s, t],
-                                  tau, T)
+          total += ref_pair_terms(es[i, s], es[j, t], et[i, s], et[j, t], y, w5[i, m, s, t], tau, T)
   return total
 
 
@@ -273,15 +287,29 @@ def test_supcon_from_logits_matches_reference_with_weights_and_empty_rows():
   w = rng.uniform(0.2, 1.0, size=7)
   with jax.enable_x64(True):
     keep = pos.any(axis=1)
-    actual = jit_call(lambda logits, w: dict(
-        unweighted=losses.supcon_from_logits(logits, pos, denom),
-        weighted=losses.supcon_from_logits(logits, pos, denom, w),
-        # Excluded from the mean: same as the loss on the valid rows alone (columns unchanged).
-        valid_rows_only=losses.supcon_from_logits(logits[keep], pos[keep], denom[keep], w[keep]),
-        no_positive=losses.supcon_from_logits(logits, np.zeros_like(pos), denom)), logits, w)
+    actual = jit_call(
+        lambda logits, w: dict(
+            unweighted=losses.supcon_from_logits(logits, pos, denom),
+            weighted=losses.supcon_from_logits(logits, pos, denom, w),
+            # Excluded from the mean: same as the loss on the valid rows alone (columns unchanged).
+            valid_rows_only=losses.supcon_from_logits(
+                logits[keep], pos[keep], denom[keep], w[keep]
+            ),
+            no_positive=losses.supcon_from_logits(logits, np.zeros_like(pos), denom),
+        ),
+        logits,
+        w,
+    )
     weighted = ref_supcon(logits, pos, denom, w)
-    assert_close(actual, dict(unweighted=ref_supcon(logits, pos, denom), weighted=weighted,
-                              valid_rows_only=weighted, no_positive=0.0))
+    assert_close(
+        actual,
+        dict(
+            unweighted=ref_supcon(logits, pos, denom),
+            weighted=weighted,
+            valid_rows_only=weighted,
+            no_positive=0.0,
+        ),
+    )
     assert float(actual['no_positive']) == 0.0
 
 
@@ -290,14 +318,20 @@ def test_soft_kl_matches_reference_and_stops_target_gradient():
   student, target = rng.normal(size=(2, 5, 6)) * 4
   w = rng.uniform(size=5)
   with jax.enable_x64(True):
-    actual = jit_call(lambda s, t, w: (losses.soft_kl(s, t, 1.0), losses.soft_kl(s, t, 3.0, w)),
-                      student, target, w)
+    actual = jit_call(
+        lambda s, t, w: (losses.soft_kl(s, t, 1.0), losses.soft_kl(s, t, 3.0, w)),
+        student,
+        target,
+        w,
+    )
     assert_close(actual, (ref_kl(student, target, 1.0), ref_kl(student, target, 3.0, w)))
-    grad_s, grad_t = jit_call(jax.grad(lambda s, t: losses.soft_kl(s, t, 3.0, w), argnums=(0, 1)),
-                              student, target)
+    grad_s, grad_t = jit_call(
+        jax.grad(lambda s, t: losses.soft_kl(s, t, 3.0, w), argnums=(0, 1)), student, target
+    )
     assert_close(grad_t, np.zeros_like(target), atol=0)
-    assert_close(grad_s, fd_grad(lambda s: ref_kl(s, target, 3.0, w), student), rtol=1e-6,
-                 atol=1e-8)
+    assert_close(
+        grad_s, fd_grad(lambda s: ref_kl(s, target, 3.0, w), student), rtol=1e-6, atol=1e-8
+    )
 
 
 def test_ce_loss_matches_reference():
@@ -315,6 +349,7 @@ def test_ce_loss_matches_reference():
 def test_mcl_terms_match_reference(num_peers, batch, dim, tau):
   raw, logits, y = make_inputs(num_peers, batch, dim, seed=num_peers)
   z = np_normalize(raw)
+
   def lib(z, logits):
     return dict(
         vcl=losses.vcl_loss(z, y, tau),
@@ -323,17 +358,23 @@ def test_mcl_terms_match_reference(num_peers, batch, dim, tau):
         soft_vcl=losses.soft_vcl_loss(z, tau, T),
         soft_icl=losses.soft_icl_loss(z, tau, T),
         kd=losses.logit_kd_loss(logits, T),
-        mcl=[losses.mcl_loss(z, logits, y, tau=tau, T=T, logit_kd=logit_kd, **WEIGHTS)
-             for logit_kd in (True, False)])
+        mcl=[
+            losses.mcl_loss(z, logits, y, tau=tau, T=T, logit_kd=logit_kd, **WEIGHTS)
+            for logit_kd in (True, False)
+        ],
+    )
 
   with jax.enable_x64(True):
     actual = jit_call(lib, z, logits)
     mcl_results = actual.pop('mcl')
     expected = dict(
-        vcl=ref_vcl(z, y, tau), icl=ref_icl(z, y, tau),
+        vcl=ref_vcl(z, y, tau),
+        icl=ref_icl(z, y, tau),
         icl_self=ref_icl(z, y, tau, include_self_positive=True),
-        soft_vcl=ref_soft_vcl(z, z, tau, T), soft_icl=ref_soft_icl(z, z, tau, T),
-        kd=ref_kd(logits, logits, T))
+        soft_vcl=ref_soft_vcl(z, z, tau, T),
+        soft_icl=ref_soft_icl(z, z, tau, T),
+        kd=ref_kd(logits, logits, T),
+    )
     assert_close(actual, expected)
 
     for logit_kd, (total, terms) in zip((True, False), mcl_results):
@@ -357,23 +398,29 @@ def test_vectorised_terms_equal_loop_over_ordered_pairs():
         vcl=sum(losses.supcon_from_logits(intra[k], pos, denom) for k in range(4)),
         icl=sum(losses.supcon_from_logits(cross[p], pos, denom) for p in cross),
         soft_vcl=sum(losses.soft_kl(intra[k], intra[l], T) for k, l in cross),
-        soft_icl=sum(losses.soft_kl(cross[(k, l)], cross[(l, k)], T) for k, l in cross))
+        soft_icl=sum(losses.soft_kl(cross[(k, l)], cross[(l, k)], T) for k, l in cross),
+    )
 
   def vectorised(z):
-    return dict(vcl=losses.vcl_loss(z, y, tau), icl=losses.icl_loss(z, y, tau),
-                soft_vcl=losses.soft_vcl_loss(z, tau, T), soft_icl=losses.soft_icl_loss(z, tau, T))
+    return dict(
+        vcl=losses.vcl_loss(z, y, tau),
+        icl=losses.icl_loss(z, y, tau),
+        soft_vcl=losses.soft_vcl_loss(z, tau, T),
+        soft_icl=losses.soft_icl_loss(z, tau, T),
+    )
 
   def terms_and_grad_of_sum(terms_fn):
     """(terms, d sum(terms) / dz): the gradients pin the same stop-gradient sides."""
+
     def total(z):
       terms = terms_fn(z)
       return sum(terms.values()), terms
+
     (_, terms), grad = jit_call(jax.value_and_grad(total, has_aux=True), z)
     return terms, grad
 
   z = losses.l2_normalize(jnp.asarray(raw, jnp.float32))
-  assert_close(terms_and_grad_of_sum(vectorised), terms_and_grad_of_sum(loop), rtol=1e-4,
-               atol=1e-5)
+  assert_close(terms_and_grad_of_sum(vectorised), terms_and_grad_of_sum(loop), rtol=1e-4, atol=1e-5)
 
 
 def test_include_self_positive_gives_cross_peer_positive():
@@ -382,8 +429,13 @@ def test_include_self_positive_gives_cross_peer_positive():
   z = np_normalize(raw)
   y = np.arange(6)
   with jax.enable_x64(True):
-    without_self, with_self = jit_call(lambda z: (
-        losses.icl_loss(z, y, 0.1), losses.icl_loss(z, y, 0.1, include_self_positive=True)), z)
+    without_self, with_self = jit_call(
+        lambda z: (
+            losses.icl_loss(z, y, 0.1),
+            losses.icl_loss(z, y, 0.1, include_self_positive=True),
+        ),
+        z,
+    )
     assert float(without_self) == 0.0
     assert_close(with_self, ref_icl(z, y, 0.1, include_self_positive=True))
     assert float(with_self) > 0.0
@@ -402,26 +454,36 @@ def test_mcl_gradients_match_finite_differences(num_peers, batch, dim, tau):
   def lib_terms(raw, logits):
     z = losses.l2_normalize(raw)
     total, _ = losses.mcl_loss(z, logits, y, tau=tau, T=T, logit_kd=True, **WEIGHTS)
-    return dict(vcl=losses.vcl_loss(z, y, tau), icl=losses.icl_loss(z, y, tau),
-                icl_self=losses.icl_loss(z, y, tau, include_self_positive=True),
-                soft_vcl=losses.soft_vcl_loss(z, tau, T), soft_icl=losses.soft_icl_loss(z, tau, T),
-                kd=losses.logit_kd_loss(logits, T), mcl=total)
+    return dict(
+        vcl=losses.vcl_loss(z, y, tau),
+        icl=losses.icl_loss(z, y, tau),
+        icl_self=losses.icl_loss(z, y, tau, include_self_positive=True),
+        soft_vcl=losses.soft_vcl_loss(z, tau, T),
+        soft_icl=losses.soft_icl_loss(z, tau, T),
+        kd=losses.logit_kd_loss(logits, T),
+        mcl=total,
+    )
 
   # Functions of the student side only; the target side is frozen at (z0, logits0).
   emb_refs = dict(
-      vcl=lambda zs: ref_vcl(zs, y, tau), icl=lambda zs: ref_icl(zs, y, tau),
+      vcl=lambda zs: ref_vcl(zs, y, tau),
+      icl=lambda zs: ref_icl(zs, y, tau),
       icl_self=lambda zs: ref_icl(zs, y, tau, True),
       soft_vcl=lambda zs: ref_soft_vcl(zs, z0, tau, T),
       soft_icl=lambda zs: ref_soft_icl(zs, z0, tau, T),
-      mcl=lambda zs: ref_mcl_total(zs, z0, logits0, logits0, y, tau, T))
-  logit_refs = dict(kd=lambda ls: ref_kd(ls, logits0, T),
-                    mcl=lambda ls: ref_mcl_total(z0, z0, ls, logits0, y, tau, T))
+      mcl=lambda zs: ref_mcl_total(zs, z0, logits0, logits0, y, tau, T),
+  )
+  logit_refs = dict(
+      kd=lambda ls: ref_kd(ls, logits0, T),
+      mcl=lambda ls: ref_mcl_total(z0, z0, ls, logits0, y, tau, T),
+  )
   with jax.enable_x64(True):
     grads = jax.jit(jax.jacrev(lib_terms, argnums=(0, 1)))(raw0, logits0)
     for name, grad in grads.items():
       emb_ref = emb_refs.get(name)
-      expected_emb = (fd_grad(lambda raw: emb_ref(np_normalize(raw)), raw0) if emb_ref
-                      else np.zeros_like(raw0))
+      expected_emb = (
+          fd_grad(lambda raw: emb_ref(np_normalize(raw)), raw0) if emb_ref else np.zeros_like(raw0)
+      )
       expected_logits = fd_grad(logit_refs[name], logits0) if name in logit_refs else 0 * logits0
       assert_close(grad, (expected_emb, expected_logits), rtol=1e-5, atol=1e-7)
       assert np.abs(grad[0]).max() > 0 or emb_ref is None
@@ -466,8 +528,9 @@ def test_bf16_small_tau_finite_values_and_grads():
     return value, terms
 
   raw_bf16, logits_bf16 = jnp.asarray(raw, jnp.bfloat16), jnp.asarray(logits, jnp.bfloat16)
-  (value, terms), grads = jit_call(jax.value_and_grad(total, argnums=(0, 1), has_aux=True),
-                                  raw_bf16, logits_bf16)
+  (value, terms), grads = jit_call(
+      jax.value_and_grad(total, argnums=(0, 1), has_aux=True), raw_bf16, logits_bf16
+  )
   assert value.dtype == jnp.float32
   for leaf in jax.tree.leaves((value, terms, grads)):
     assert np.all(np.isfinite(np.asarray(leaf, np.float32)))
@@ -481,14 +544,18 @@ def test_supcon_bf16_huge_logits_does_not_overflow():
   logits = jnp.asarray(300.0 * rng.normal(size=(6, 6)), jnp.bfloat16)  # exp() overflows f32
   pos = np.eye(6, k=1, dtype=bool) | np.eye(6, k=-1, dtype=bool)
   denom = ~np.eye(6, dtype=bool)
-  value, grad = jit_call(jax.value_and_grad(lambda l: losses.supcon_from_logits(l, pos, denom)),
-                         logits)
+  value, grad = jit_call(
+      jax.value_and_grad(lambda l: losses.supcon_from_logits(l, pos, denom)), logits
+  )
   assert np.isfinite(float(value)) and np.all(np.isfinite(np.asarray(grad, np.float32)))
   expected = ref_supcon(np.asarray(logits, np.float64), pos, denom)
   np.testing.assert_allclose(float(value), expected, rtol=1e-5)
   kl = jit_call(lambda l: losses.soft_kl(l, l[::-1], T), logits)
-  np.testing.assert_allclose(float(kl), ref_kl(np.asarray(logits, np.float64),
-                                               np.asarray(logits[::-1], np.float64), T), rtol=1e-4)
+  np.testing.assert_allclose(
+      float(kl),
+      ref_kl(np.asarray(logits, np.float64), np.asarray(logits[::-1], np.float64), T),
+      rtol=1e-4,
+  )
 
 
 def test_jit_equals_no_jit():
@@ -496,8 +563,9 @@ def test_jit_equals_no_jit():
   raw, logits, y = make_inputs(4, 8, 5, seed=8)
   z = losses.l2_normalize(jnp.asarray(raw, jnp.float32))
   logits = jnp.asarray(logits, jnp.float32)
-  memory = losses.l2_normalize(jnp.asarray(np.random.default_rng(0).normal(size=(4, 20, 5)),
-                                           jnp.float32))
+  memory = losses.l2_normalize(
+      jnp.asarray(np.random.default_rng(0).normal(size=(4, 20, 5)), jnp.float32)
+  )
   idx = jnp.asarray(np.random.default_rng(1).integers(0, 20, size=(8, 6)))
   emb4 = z.reshape(2, 2, 8, 5)  # [K, S, B, D]
   w = losses.layer_match_weights(emb4)
@@ -509,7 +577,8 @@ def test_jit_equals_no_jit():
         memory=losses.memory_vcl_icl_losses(z, memory, idx, 2, 0.07, T),
         update=losses.memory_update(memory, z, idx[:, 0], 0.5),
         layer=losses.layer_mcl_loss(emb4, y, w, 0.1, T),
-        match=losses.layer_match_weights(emb4))
+        match=losses.layer_match_weights(emb4),
+    )
 
   args = (z, logits, memory, idx, emb4, w)
   chex.assert_trees_all_close(jax.jit(everything)(*args), everything(*args), rtol=1e-5, atol=1e-5)
@@ -535,6 +604,7 @@ def test_memory_losses_match_reference(num_peers, num_pos, tau):
   raw, memory, idx = make_memory_inputs(num_peers, 5, 4, 30, num_pos, 6, seed=num_peers)
   z = np_normalize(raw)
   with jax.enable_x64(True):
+
     def lib(z, memory):
       return losses.memory_vcl_icl_losses(z, memory, idx, num_pos, tau, T)
 
@@ -549,13 +619,16 @@ def test_memory_losses_gradients_and_memory_gets_none():
   raw0, memory, idx = make_memory_inputs(2, 4, 3, 12, num_pos, 5, seed=9)
   z0 = np_normalize(raw0)
   with jax.enable_x64(True):
+
     def lib(raw, mem):
       return losses.memory_vcl_icl_losses(losses.l2_normalize(raw), mem, idx, num_pos, tau, T)
 
     grads = jit_call(jax.jacrev(lib, argnums=(0, 1)), raw0, memory)
     for name, (grad_emb, grad_mem) in grads.items():
-      expected = fd_grad(lambda raw: ref_memory_losses(
-          np_normalize(raw), z0, memory, idx, num_pos, tau, T)[name], raw0)
+      expected = fd_grad(
+          lambda raw: ref_memory_losses(np_normalize(raw), z0, memory, idx, num_pos, tau, T)[name],
+          raw0,
+      )
       assert_close(grad_emb, expected, rtol=1e-5, atol=1e-7)
       assert np.abs(expected).max() > 1e-3
       assert_close(grad_mem, np.zeros_like(memory), atol=0)
@@ -566,6 +639,7 @@ def test_memory_update_exact_with_duplicates():
   memory = rng.uniform(-1, 1, size=(2, 10, 4))
   emb = np_normalize(rng.normal(size=(2, 6, 4)))
   own_idx = np.array([3, 7, 3, 0, 9, 3], np.int32)  # slot 3 three times: the last (b = 5) wins
+
   def update(memory, emb):
     return losses.memory_update(memory, emb, own_idx, 0.5)
 
@@ -577,8 +651,9 @@ def test_memory_update_exact_with_duplicates():
   np.testing.assert_allclose(updated, expected, rtol=1e-14, atol=1e-15)
   # The winning write for slot 3 is computed from the OLD entry and sample 5.
   v = 0.5 * memory[:, 3] + 0.5 * emb[:, 5]
-  np.testing.assert_allclose(updated[:, 3], v / np.linalg.norm(v, axis=-1, keepdims=True),
-                             rtol=1e-14)
+  np.testing.assert_allclose(
+      updated[:, 3], v / np.linalg.norm(v, axis=-1, keepdims=True), rtol=1e-14
+  )
   out_bf16 = jit_call(update, jnp.asarray(memory, jnp.bfloat16), jnp.asarray(emb, jnp.float32))
   assert out_bf16.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(out_bf16, np.float64), expected, atol=1e-2)
@@ -607,10 +682,13 @@ def test_layer_match_weights_ordering():
 def test_pair_mcl_terms_match_reference():
   e, w5, y = make_layer_inputs(2, 1, 7, 4, seed=13)
   with jax.enable_x64(True):
-    actual = jit_call(lambda a, b, w: losses.pair_mcl_terms(a, b, y, w, 0.07, T),
-                      e[0, 0], e[1, 0], w5[0, 0, 0, 0])
-    assert_close(actual, tuple(ref_pair_terms(e[0, 0], e[1, 0], e[0, 0], e[1, 0], y,
-                                              w5[0, 0, 0, 0], 0.07, T)))
+    actual = jit_call(
+        lambda a, b, w: losses.pair_mcl_terms(a, b, y, w, 0.07, T), e[0, 0], e[1, 0], w5[0, 0, 0, 0]
+    )
+    assert_close(
+        actual,
+        tuple(ref_pair_terms(e[0, 0], e[1, 0], e[0, 0], e[1, 0], y, w5[0, 0, 0, 0], 0.07, T)),
+    )
 
 
 @pytest.mark.parametrize('num_peers,num_stages', [(2, 3), (3, 2)])
@@ -620,6 +698,7 @@ def test_layer_mcl_loss_matches_reference_and_pair_loop(num_peers, num_stages):
   flat = w5.reshape(-1, 6)
   with jax.enable_x64(True):
     expected = tuple(ref_layer(e, e, y, w5, tau, T))
+
     def layer(e, w):
       return losses.layer_mcl_loss(e, y, w, tau, T)
 
@@ -628,9 +707,11 @@ def test_layer_mcl_loss_matches_reference_and_pair_loop(num_peers, num_stages):
 
     # All weights 1: the plain sum of pair_mcl_terms over the (i, s, j, t) enumeration.
     def pair_loop(e):
-      terms = [losses.pair_mcl_terms(e[i, s], e[j, t], y, jnp.ones(6), tau, T)
-               for i, j in ordered_pairs(num_peers)
-               for s, t in itertools.product(range(num_stages), repeat=2)]
+      terms = [
+          losses.pair_mcl_terms(e[i, s], e[j, t], y, jnp.ones(6), tau, T)
+          for i, j in ordered_pairs(num_peers)
+          for s, t in itertools.product(range(num_stages), repeat=2)
+      ]
       return tuple(sum(term[n] for term in terms) for n in range(4))
 
     assert_close(jit_call(layer, e, np.ones_like(flat)), jit_call(pair_loop, e))
@@ -642,6 +723,7 @@ def test_layer_mcl_gradients_emb_fd_and_weights():
   tau = 0.2
   e0 = np_normalize(e_raw)
   with jax.enable_x64(True):
+
     def lib(raw, w):
       return jnp.stack(losses.layer_mcl_loss(losses.l2_normalize(raw), y, w, tau, T))
 
@@ -661,10 +743,15 @@ def test_layer_mcl_single_stage_relates_to_mcl(num_peers):
   tau = 0.07
   ones = np.ones((num_peers * (num_peers - 1), 7))
   with jax.enable_x64(True):
+
     def both(e, w):
       z = e[:, 0]
-      mcl = (2 * (num_peers - 1) * losses.vcl_loss(z, y, tau), 2 * losses.soft_vcl_loss(z, tau, T),
-             2 * losses.icl_loss(z, y, tau), 2 * losses.soft_icl_loss(z, tau, T))
+      mcl = (
+          2 * (num_peers - 1) * losses.vcl_loss(z, y, tau),
+          2 * losses.soft_vcl_loss(z, tau, T),
+          2 * losses.icl_loss(z, y, tau),
+          2 * losses.soft_icl_loss(z, tau, T),
+      )
       return losses.layer_mcl_loss(e, y, w, tau, T), mcl
 
     layer, mcl = jit_call(both, e, ones)
@@ -696,14 +783,16 @@ def ref_memory_layer(es, et, memory, idx, num_pos, w5, tau, T):
       for s in range(num_stages):
         for t in range(num_stages):
           w = w5[i, m, s, t]
-          vcl = (ref_supcon(v(es, s, i), vcl_pos, np.ones_like(vcl_pos), w)
-                 + ref_supcon(v(es, t, j), vcl_pos, np.ones_like(vcl_pos), w))
-          soft_vcl = (ref_kl(v(es, s, i), v(et, t, j), T, w)
-                      + ref_kl(v(es, t, j), v(et, s, i), T, w))
-          icl = (ref_supcon(cross(es, s, i, j), icl_pos, np.ones_like(icl_pos), w)
-                 + ref_supcon(cross(es, t, j, i), icl_pos, np.ones_like(icl_pos), w))
-          soft_icl = (ref_kl(cross(es, s, i, j), cross(et, t, j, i), T, w)
-                      + ref_kl(cross(es, t, j, i), cross(et, s, i, j), T, w))
+          vcl = ref_supcon(v(es, s, i), vcl_pos, np.ones_like(vcl_pos), w) + ref_supcon(
+              v(es, t, j), vcl_pos, np.ones_like(vcl_pos), w
+          )
+          soft_vcl = ref_kl(v(es, s, i), v(et, t, j), T, w) + ref_kl(v(es, t, j), v(et, s, i), T, w)
+          icl = ref_supcon(cross(es, s, i, j), icl_pos, np.ones_like(icl_pos), w) + ref_supcon(
+              cross(es, t, j, i), icl_pos, np.ones_like(icl_pos), w
+          )
+          soft_icl = ref_kl(cross(es, s, i, j), cross(et, t, j, i), T, w) + ref_kl(
+              cross(es, t, j, i), cross(et, s, i, j), T, w
+          )
           total += np.array([vcl, soft_vcl, icl, soft_icl])
   return total
 
@@ -714,8 +803,11 @@ def test_memory_layer_mcl_loss_matches_reference(num_peers, num_stages, num_pos)
   _, memory, idx = make_memory_inputs(num_peers, 5, 4, 20, num_pos, 6, seed=17)
   tau = 0.1
   with jax.enable_x64(True):
-    actual = jit_call(lambda e, w: losses.memory_layer_mcl_loss(e, memory, idx, num_pos, w, tau,
-                                                                T), e, w5.reshape(-1, 5))
+    actual = jit_call(
+        lambda e, w: losses.memory_layer_mcl_loss(e, memory, idx, num_pos, w, tau, T),
+        e,
+        w5.reshape(-1, 5),
+    )
     assert_close(actual, tuple(ref_memory_layer(e, e, memory, idx, num_pos, w5, tau, T)))
 
 
@@ -726,19 +818,26 @@ def test_memory_layer_mcl_gradients_match_finite_differences():
   _, memory, idx = make_memory_inputs(2, 3, 3, 10, num_pos, 4, seed=18)
   e0 = np_normalize(e_raw)
   with jax.enable_x64(True):
+
     def lib(raw, w, mem):
-      return jnp.stack(losses.memory_layer_mcl_loss(losses.l2_normalize(raw), mem, idx, num_pos,
-                                                    w, tau, T))
+      return jnp.stack(
+          losses.memory_layer_mcl_loss(losses.l2_normalize(raw), mem, idx, num_pos, w, tau, T)
+      )
 
     jac_emb, jac_w, jac_mem = jit_call(jax.jacrev(lib, argnums=(0, 1, 2)), e_raw, w5, memory)
     assert_close(jac_mem, np.zeros((4,) + memory.shape), atol=0)  # the memory is a constant
     for term in range(4):
-      expected = fd_grad(lambda raw: ref_memory_layer(
-          np_normalize(raw), e0, memory, idx, num_pos, w5, tau, T)[term], e_raw)
+      expected = fd_grad(
+          lambda raw: ref_memory_layer(np_normalize(raw), e0, memory, idx, num_pos, w5, tau, T)[
+              term
+          ],
+          e_raw,
+      )
       assert np.abs(expected).max() > 1e-3
       assert_close(jac_emb[term], expected, rtol=1e-5, atol=1e-7)
-      expected_w = fd_grad(lambda w: ref_memory_layer(e0, e0, memory, idx, num_pos, w, tau,
-                                                      T)[term], w5)
+      expected_w = fd_grad(
+          lambda w: ref_memory_layer(e0, e0, memory, idx, num_pos, w, tau, T)[term], w5
+      )
       assert_close(jac_w[term], expected_w, rtol=1e-6, atol=1e-8)
 
 
@@ -749,9 +848,17 @@ def test_memory_layer_single_stage_relates_to_memory_mcl(num_peers):
   _, memory, idx = make_memory_inputs(num_peers, 5, 4, 16, 1, 5, seed=19)
   ones = np.ones((num_peers * (num_peers - 1), 5))
   with jax.enable_x64(True):
-    layer = jit_call(lambda e, w: losses.memory_layer_mcl_loss(e, memory, idx, 1, w, 0.07, T),
-                     e, ones)
+    layer = jit_call(
+        lambda e, w: losses.memory_layer_mcl_loss(e, memory, idx, 1, w, 0.07, T), e, ones
+    )
     mcl = jit_call(lambda z: losses.memory_vcl_icl_losses(z, memory, idx, 1, 0.07, T), e[:, 0])
     mcl = {k: np.asarray(v) for k, v in mcl.items()}
-    assert_close(layer, (2 * (num_peers - 1) * mcl['vcl'], 2 * mcl['soft_vcl'], 2 * mcl['icl'],
-                         2 * mcl['soft_icl']))
+    assert_close(
+        layer,
+        (
+            2 * (num_peers - 1) * mcl['vcl'],
+            2 * mcl['soft_vcl'],
+            2 * mcl['icl'],
+            2 * mcl['soft_icl'],
+        ),
+    )

@@ -1,5 +1,6 @@
 """MCL-OKD, CKD and CRCD losses against independent float64 NumPy implementations, their gradients
 against central finite differences, and the NCE memory update (specs/other-methods.md §0-§3)."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,6 +35,7 @@ def _np_kl_T(student, target, T):
     x = x / T
     x = x - x.max(-1, keepdims=True)
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
   ls, lt = log_softmax(student), log_softmax(target)
   return T**2 * np.sum(np.exp(lt) * (lt - ls)) / student.shape[0]
 
@@ -61,8 +63,16 @@ def problem():
   cidx[0, 1] = idx[2] if labels[idx[2]] != labels[idx[0]] else cidx[0, 1]  # a negative = an anchor
   mem = _unit(rng.normal(size=(3, n, f)))
   emb = _unit(rng.normal(size=(3, b, f)))
-  return dict(rng=rng, n=n, labels=labels, idx=idx, cidx=cidx, mem=mem, emb=emb,
-              logits=rng.normal(size=(3, b, 10)) * 3)
+  return dict(
+      rng=rng,
+      n=n,
+      labels=labels,
+      idx=idx,
+      cidx=cidx,
+      mem=mem,
+      emb=emb,
+      logits=rng.normal(size=(3, b, 10)) * 3,
+  )
 
 
 # ---------------------------------------------------------------------------------------------- #
@@ -82,12 +92,14 @@ def test_nce_scores_and_loss_match_numpy(problem):
     P7, Z7 = losses.nce_scores(q, keys, 0.1, jnp.float64(7.0), p['n'])
     assert float(Z7) == 7.0
     np.testing.assert_allclose(P7, E / 7.0, rtol=1e-12)
-    np.testing.assert_allclose(losses.nce_scores(q, keys, 0.1, jnp.float64(0.0), p['n'])[1],
-                               Z, rtol=1e-12)
-    _check_grad(lambda x: losses.nce_loss(losses.nce_scores(x, keys, 0.1, None, p['n'])[0],
-                                          p['n']), q,
-                lambda x: _np_nce(np.exp(np.einsum('bkf,bf->bk', keys, x) / 0.1) / float(Z),
-                                  p['n']))
+    np.testing.assert_allclose(
+        losses.nce_scores(q, keys, 0.1, jnp.float64(0.0), p['n'])[1], Z, rtol=1e-12
+    )
+    _check_grad(
+        lambda x: losses.nce_loss(losses.nce_scores(x, keys, 0.1, None, p['n'])[0], p['n']),
+        q,
+        lambda x: _np_nce(np.exp(np.einsum('bkf,bf->bk', keys, x) / 0.1) / float(Z), p['n']),
+    )
 
 
 def test_nce_memory_update_is_exact(problem):
@@ -128,8 +140,11 @@ def test_mcl_okd_contrastive_loss_matches_numpy_and_fd(problem):
     got = losses.mcl_okd_contrastive_loss(p['emb'], p['mem'], p['cidx'], 0.1)
     expected, Z = _np_mcl_okd(p['emb'], p['mem'], p['cidx'], 0.1)
     np.testing.assert_allclose(got, expected, rtol=1e-12)
-    _check_grad(lambda e: losses.mcl_okd_contrastive_loss(e, p['mem'], p['cidx'], 0.1), p['emb'],
-                lambda e: _np_mcl_okd(e, p['mem'], p['cidx'], 0.1, Z)[0])
+    _check_grad(
+        lambda e: losses.mcl_okd_contrastive_loss(e, p['mem'], p['cidx'], 0.1),
+        p['emb'],
+        lambda e: _np_mcl_okd(e, p['mem'], p['cidx'], 0.1, Z)[0],
+    )
     # The memories receive no gradient.
     g = jax.grad(lambda m: losses.mcl_okd_contrastive_loss(p['emb'], m, p['cidx'], 0.1))(p['mem'])
     np.testing.assert_array_equal(g, 0.0)
@@ -142,8 +157,9 @@ def test_dot_loss_distils_only_the_last_view_from_the_ensemble(problem):
     np.testing.assert_allclose(got, _np_kl_T(logits[-1], logits.mean(0), 3.0), rtol=1e-12)
     grad = jax.grad(lambda z: losses.dot_loss(z, 3.0))(jnp.asarray(logits))
     np.testing.assert_array_equal(grad[:-1], 0.0)  # the online teacher is stop-gradient
-    _check_grad(lambda z: losses.dot_loss(z, 3.0), logits,
-                lambda z: _np_kl_T(z[-1], logits.mean(0), 3.0))
+    _check_grad(
+        lambda z: losses.dot_loss(z, 3.0), logits, lambda z: _np_kl_T(z[-1], logits.mean(0), 3.0)
+    )
 
 
 # ---------------------------------------------------------------------------------------------- #
@@ -167,7 +183,7 @@ def test_ckd_loss_matches_numpy_and_fd(problem, tau):
 def _np_crcd_side(query, mem, idx, cidx, T, n, Z=None):
   """Literal [B, B, K+1, F] relations, as the reference code computes them."""
   anchors = mem[idx]
-  q = _unit(query[:, None, :] - anchors[None] + 1e-6)                      # [B, A, F]
+  q = _unit(query[:, None, :] - anchors[None] + 1e-6)  # [B, A, F]
   k = _unit(mem[cidx][:, None, :, :] - anchors[None, :, None, :] + 1e-6)  # [B, A, K+1, F]
   E = np.exp(np.einsum('bakf,baf->bak', k, q) / T).reshape(-1, cidx.shape[1])
   Z = E.mean() * n if Z is None else Z
@@ -191,11 +207,13 @@ def test_crcd_relation_loss_matches_literal_numpy(problem):
     # A frozen Z (later steps) is used as given.
     got_frozen, z_frozen = losses.crcd_relation_loss(*args, temperature=0.05, Z=2 * expected_z)
     np.testing.assert_array_equal(z_frozen, 2 * expected_z)
-    np.testing.assert_allclose(got_frozen, _np_crcd(*args, 0.05, p['n'], 2 * expected_z)[0],
-                               rtol=1e-10)
+    np.testing.assert_allclose(
+        got_frozen, _np_crcd(*args, 0.05, p['n'], 2 * expected_z)[0], rtol=1e-10
+    )
   # float32 (the training dtype): the key == anchor rows stay exact despite the 1e-6 shift.
-  got32, _ = losses.crcd_relation_loss(*(np.float32(a) if a.dtype == np.float64 else a
-                                         for a in args), temperature=0.05)
+  got32, _ = losses.crcd_relation_loss(
+      *(np.float32(a) if a.dtype == np.float64 else a for a in args), temperature=0.05
+  )
   assert np.isfinite(float(got32))
   np.testing.assert_allclose(got32, expected, rtol=2e-4)
 
@@ -205,18 +223,27 @@ def test_crcd_relation_loss_gradient_matches_fd(problem):
   mems = (p['mem'][0], p['mem'][1], p['idx'], p['cidx'])
   _, Z = _np_crcd(p['emb'][0], p['emb'][1], *mems, 0.05, p['n'])
   with jax.enable_x64(True):
+
     def loss(e_s, e_t):
       return losses.crcd_relation_loss(e_s, e_t, *mems, 0.05)[0]
 
     def reference(e_s, e_t):
       return _np_crcd(e_s, e_t, *mems, 0.05, p['n'], Z)[0]
-    _check_grad(lambda e: loss(e, p['emb'][1]), p['emb'][0],
-                lambda e: reference(e, p['emb'][1]))
-    _check_grad(lambda e: loss(p['emb'][0], e), p['emb'][1],
-                lambda e: reference(p['emb'][0], e), seed=1)
-  grads = jax.grad(lambda e: losses.crcd_relation_loss(
-      e, np.float32(p['emb'][1]), np.float32(p['mem'][0]), np.float32(p['mem'][1]), p['idx'],
-      p['cidx'])[0])(np.float32(p['emb'][0]))
+
+    _check_grad(lambda e: loss(e, p['emb'][1]), p['emb'][0], lambda e: reference(e, p['emb'][1]))
+    _check_grad(
+        lambda e: loss(p['emb'][0], e), p['emb'][1], lambda e: reference(p['emb'][0], e), seed=1
+    )
+  grads = jax.grad(
+      lambda e: losses.crcd_relation_loss(
+          e,
+          np.float32(p['emb'][1]),
+          np.float32(p['mem'][0]),
+          np.float32(p['mem'][1]),
+          p['idx'],
+          p['cidx'],
+      )[0]
+  )(np.float32(p['emb'][0]))
   assert np.all(np.isfinite(grads))
 
 
@@ -240,6 +267,5 @@ def test_linear_ce_feature_grad_is_the_ce_gradient_and_differentiable(problem):
     np.testing.assert_allclose(got, jax.grad(ce)(feat, W, bias), rtol=1e-12)
     # Double backprop: the gradient element is itself differentiable in W and the feature.
     R = rng.normal(size=(b, d))
-    _check_grad(lambda w: jnp.sum(losses.linear_ce_feature_grad(feat, w, bias, labels) * R),
-                W)
+    _check_grad(lambda w: jnp.sum(losses.linear_ce_feature_grad(feat, w, bias, labels) * R), W)
     _check_grad(lambda f: jnp.sum(losses.linear_ce_feature_grad(f, W, bias, labels) * R), feat)

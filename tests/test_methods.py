@@ -1,5 +1,6 @@
 """Methods as the trainer sees them: DML and MCL terms against independent NumPy math, the
 memory-bank index sampler, and memory updates inside the method."""
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -11,10 +12,8 @@ from mcl_jax.methods import mcl as mcl_lib
 from mcl_jax.step import LossContext
 
 
-def method_config(**kw):
-  c = config_lib.base_config().method
-  c.update(kw)
-  return c
+def method_config(name, **kw):
+  return methods.config(name, **kw)
 
 
 def ctx(rng=None):
@@ -32,8 +31,9 @@ def test_dml_matches_numpy():
   logits = rng.normal(size=(K, B, C))
   labels = rng.integers(0, C, B)
   with jax.enable_x64(True):
-    loss, terms, _ = methods.get_method(method_config(name='dml', kd_T=T)).loss(
-        {}, {}, {'logits': jnp.asarray(logits)}, {'label': jnp.asarray(labels)}, ctx())
+    loss, terms, _ = methods.build(method_config(name='dml', kd_T=T)).loss(
+        {}, {}, {'logits': jnp.asarray(logits)}, {'label': jnp.asarray(labels)}, ctx()
+    )
   ce = sum(-np.mean(np_log_softmax(logits[k])[np.arange(B), labels]) for k in range(K))
   kl = 0.0
   for k in range(K):
@@ -59,13 +59,15 @@ def test_mcl_method_equals_loss_function_on_head_embeddings():
   """Heterogeneous cohort (2 peers of width 8 + 1 of width 12): the method embeds each group's
   features with its own heads and hands [K, B, D] to losses.mcl_loss."""
   cfg = method_config(name='mcl', embed_dim=16, logit_kd=True)
-  method = methods.get_method(cfg)
+  method = methods.build(cfg)
   cohort = FakeCohort([(2, 8), (1, 12)])
   params, state = method.init(jax.random.key(0), cohort, np.zeros(10, np.int32))
   assert state == {} and method.class_balanced
   rng = np.random.default_rng(1)
-  feats = (jnp.asarray(rng.normal(size=(2, 6, 8)), jnp.float32),
-           jnp.asarray(rng.normal(size=(1, 6, 12)), jnp.float32))
+  feats = (
+      jnp.asarray(rng.normal(size=(2, 6, 8)), jnp.float32),
+      jnp.asarray(rng.normal(size=(1, 6, 12)), jnp.float32),
+  )
   logits = jnp.asarray(rng.normal(size=(3, 6, 5)), jnp.float32)
   labels = jnp.asarray([0, 0, 1, 1, 2, 2])
   outputs = {'logits': logits, 'groups': ({'feature': feats[0]}, {'feature': feats[1]})}
@@ -78,9 +80,18 @@ def test_mcl_method_equals_loss_function_on_head_embeddings():
       emb.append(method.head.apply({'params': p}, f[k]))
   emb = jnp.stack(emb)
   np.testing.assert_allclose(jnp.linalg.norm(emb, axis=-1), 1.0, rtol=1e-5)
-  ref_total, ref_terms = losses.mcl_loss(emb, logits, labels, tau=cfg.tau, T=cfg.kd_T,
-                                         alpha=cfg.alpha, beta=cfg.beta, gamma=cfg.gamma,
-                                         lam=cfg.lam, logit_kd=True)
+  ref_total, ref_terms = losses.mcl_loss(
+      emb,
+      logits,
+      labels,
+      tau=cfg.tau,
+      T=cfg.kd_T,
+      alpha=cfg.alpha,
+      beta=cfg.beta,
+      gamma=cfg.gamma,
+      lam=cfg.lam,
+      logit_kd=True,
+  )
   chex.assert_trees_all_close((total, terms), (ref_total, ref_terms), rtol=1e-5)
   assert set(terms) == {'ce', 'vcl', 'icl', 'soft_vcl', 'soft_icl', 'kd'}
 
@@ -89,18 +100,20 @@ def test_contrast_index_sampler():
   labels_all = np.array([2, 0, 1, 2, 0, 1, 2, 2, 0, 1, 1, 0], np.int32)
   index = mcl_lib.class_index(labels_all)
   own = jnp.asarray([0, 4, 5, 7])
-  idx = mcl_lib.sample_contrast_indices(jax.random.key(3), own, jnp.asarray(labels_all[own]),
-                                        index, num_pos=3, num_neg=400)
+  idx = mcl_lib.sample_contrast_indices(
+      jax.random.key(3), own, jnp.asarray(labels_all[own]), index, num_pos=3, num_neg=400
+  )
   idx = np.asarray(idx)
   assert idx.shape == (4, 1 + 3 + 400)
   np.testing.assert_array_equal(idx[:, 0], own)
   for b, n in enumerate(np.asarray(own)):
-    assert np.all(labels_all[idx[b, 1:4]] == labels_all[n])          # positives: same class
-    assert np.all(labels_all[idx[b, 4:]] != labels_all[n])           # negatives: other classes
+    assert np.all(labels_all[idx[b, 1:4]] == labels_all[n])  # positives: same class
+    assert np.all(labels_all[idx[b, 4:]] != labels_all[n])  # negatives: other classes
     # every other-class example is reachable (uniform over them; 400 draws of 8 candidates)
     assert set(idx[b, 4:]) == set(np.nonzero(labels_all != labels_all[n])[0])
-  again = mcl_lib.sample_contrast_indices(jax.random.key(3), own, jnp.asarray(labels_all[own]),
-                                          index, num_pos=3, num_neg=400)
+  again = mcl_lib.sample_contrast_indices(
+      jax.random.key(3), own, jnp.asarray(labels_all[own]), index, num_pos=3, num_neg=400
+  )
   np.testing.assert_array_equal(idx, again)
 
 
@@ -109,15 +122,18 @@ def test_contrast_index_sampler_without_replacement():
   labels_all = np.array([2, 0, 1, 2, 0, 1, 2, 2, 0, 1, 1, 0], np.int32)
   index = mcl_lib.class_index(labels_all)
   own = jnp.asarray([0, 4, 5, 7])
-  sample = jax.jit(lambda key: mcl_lib.sample_contrast_indices(
-      key, own, jnp.asarray(labels_all[own]), index, num_pos=1, num_neg=5, replace=False))
+  sample = jax.jit(
+      lambda key: mcl_lib.sample_contrast_indices(
+          key, own, jnp.asarray(labels_all[own]), index, num_pos=1, num_neg=5, replace=False
+      )
+  )
   counts = np.zeros((4, len(labels_all)))
   draws = 2000
   for t in range(draws):
     idx = np.asarray(sample(jax.random.key(t)))
     for b, n in enumerate(np.asarray(own)):
       negatives = idx[b, 2:]
-      assert len(set(negatives)) == 5                                # without replacement
+      assert len(set(negatives)) == 5  # without replacement
       assert np.all(labels_all[negatives] != labels_all[n])
       counts[b, negatives] += 1
   for b, n in enumerate(np.asarray(own)):
@@ -127,15 +143,16 @@ def test_contrast_index_sampler_without_replacement():
     sigma = np.sqrt(draws * p * (1 - p))
     np.testing.assert_array_less(np.abs(counts[b, pool] - draws * p), 5 * sigma)
     assert np.all(counts[b, ~pool] == 0)
-  mcl_lib.check_negative_pool(labels_all, 8)       # 12 examples, largest class 4 -> pool of 8
+  mcl_lib.check_negative_pool(labels_all, 8)  # 12 examples, largest class 4 -> pool of 8
   with pytest.raises(ValueError, match='num_negatives=9 exceeds the 8'):
     mcl_lib.check_negative_pool(labels_all, 9)
 
 
 def test_memory_bank_method_updates_own_slots_only():
-  cfg = method_config(name='mcl', embed_dim=8, memory_bank=True, num_positives=1,
-                      num_negatives=5, tau=0.07)
-  method = methods.get_method(cfg)
+  cfg = method_config(
+      name='mcl', embed_dim=8, memory_bank=True, num_positives=1, num_negatives=5, tau=0.07
+  )
+  method = methods.build(cfg)
   assert not method.class_balanced
   labels_all = np.arange(20, dtype=np.int32) % 4
   cohort = FakeCohort([(2, 6)])
@@ -145,8 +162,10 @@ def test_memory_bank_method_updates_own_slots_only():
   assert np.all(np.abs(state['memory']) <= bound)
   own = jnp.asarray([3, 8, 13])
   feats = jax.random.normal(jax.random.key(1), (2, 3, 6))
-  outputs = {'logits': jax.random.normal(jax.random.key(2), (2, 3, 4)),
-             'groups': ({'feature': feats},)}
+  outputs = {
+      'logits': jax.random.normal(jax.random.key(2), (2, 3, 4)),
+      'groups': ({'feature': feats},),
+  }
   batch = {'label': jnp.asarray(labels_all[own]), 'index': own}
   loss_fn = lambda p: method.loss(p, state, outputs, batch, ctx(jax.random.key(4)))
   total, terms, new_state = loss_fn(params)

@@ -3,6 +3,7 @@ peer) mesh spanning both) train memory-bank MCL for a few steps, stop, and resum
 
 Deselect with `-m "not multihost"`.
 """
+
 import json
 import os
 import socket
@@ -28,13 +29,24 @@ def _free_port() -> int:
 
 
 def _run_two_processes(workdir: str, stop_after: int) -> list[dict]:
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             # LLVM -O1: faster CPU compiles (see test_sharding.py for why not -O0).
-             XLA_FLAGS='--xla_backend_optimization_level=1')
+  env = dict(
+      os.environ,
+      JAX_PLATFORMS='cpu',
+      # LLVM -O1: faster CPU compiles (see test_sharding.py for why not -O0).
+      XLA_FLAGS='--xla_backend_optimization_level=1',
+  )
   port = str(_free_port())
-  procs = [subprocess.Popen([sys.executable, WORKER, str(i), '2', port, workdir, str(stop_after)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            cwd=REPO) for i in range(2)]
+  procs = [
+      subprocess.Popen(
+          [sys.executable, WORKER, str(i), '2', port, workdir, str(stop_after)],
+          stdout=subprocess.PIPE,
+          stderr=subprocess.STDOUT,
+          text=True,
+          env=env,
+          cwd=REPO,
+      )
+      for i in range(2)
+  ]
   outputs = []
   try:
     for p in procs:
@@ -49,7 +61,7 @@ def _run_two_processes(workdir: str, stop_after: int) -> list[dict]:
   for out in outputs:
     lines = [l for l in out.splitlines() if l.startswith('RESULT ')]
     assert lines, out[-4000:]
-    results.append(json.loads(lines[-1][len('RESULT '):]))
+    results.append(json.loads(lines[-1][len('RESULT ') :]))
   return sorted(results, key=lambda r: r['process_index']), outputs
 
 

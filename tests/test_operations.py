@@ -3,6 +3,7 @@
 One module-scoped pair of runs is shared: a `python -m mcl_jax.main` subprocess SIGTERMed mid-run
 and resumed, and the same config run uninterrupted in-process (checkpoints at steps 4, 8, 12).
 """
+
 import glob
 import json
 import logging
@@ -26,19 +27,34 @@ from conftest import REPO
 from test_train import reproducible, restore_final_state
 
 TOTAL_STEPS = 12
-MAIN = [sys.executable, '-m', 'mcl_jax.main',
-        '--config', 'configs/fashion_mnist_mcl.py:method=dml,arch=resnet8,peers=2',
-        '--config.batch_size=16', f'--config.total_steps={TOTAL_STEPS}',
-        '--config.data.train_examples=128', '--config.data.eval_examples=64',
-        '--config.data.eval_batch_size=32', '--config.log_every_steps=2',
-        '--config.eval_every_steps=4', '--config.ckpt_every_steps=4',
-        '--config.keep_checkpoints=3', '--config.mesh.data=1']
+MAIN = [
+    sys.executable,
+    '-m',
+    'mcl_jax.main',
+    '--config',
+    'configs/fashion_mnist_mcl.py:method=dml,arch=resnet8,peers=2',
+    '--config.batch_size=16',
+    f'--config.total_steps={TOTAL_STEPS}',
+    '--config.data.train_examples=128',
+    '--config.data.eval_examples=64',
+    '--config.data.eval_batch_size=32',
+    '--config.log_every_steps=2',
+    '--config.eval_every_steps=4',
+    '--config.ckpt_every_steps=4',
+    '--config.keep_checkpoints=3',
+    '--config.mesh.data=1',
+]
 
 
 def _train_cli(workdir, *, sigterm_after_first_step=False):
   """Runs MAIN on `workdir`; with `sigterm_after_first_step`, SIGTERMs it once a step is done."""
-  proc = subprocess.Popen(MAIN + ['--workdir', workdir], cwd=REPO, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  proc = subprocess.Popen(
+      MAIN + ['--workdir', workdir],
+      cwd=REPO,
+      text=True,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+  )
   lines = []
   for line in proc.stdout:
     lines.append(line)
@@ -58,8 +74,14 @@ def runs(tmp_path_factory):
   resumed = _train_cli(interrupted)
   config = evaluate.load_config(interrupted)  # the CLI's config, as evaluate/export read it
   train.run(config, straight)
-  return types.SimpleNamespace(interrupted=interrupted, straight=straight, config=config,
-                               stopped=stopped, stopped_metrics=stopped_metrics, resumed=resumed)
+  return types.SimpleNamespace(
+      interrupted=interrupted,
+      straight=straight,
+      config=config,
+      stopped=stopped,
+      stopped_metrics=stopped_metrics,
+      resumed=resumed,
+  )
 
 
 @pytest.fixture(scope='module')
@@ -128,7 +150,7 @@ def _flip_bytes(checkpoint_dir):
   path = _array_files(checkpoint_dir)[-1]
   data = bytearray(open(path, 'rb').read())
   middle = len(data) // 2
-  data[middle:middle + 32] = bytes(b ^ 0xFF for b in data[middle:middle + 32])
+  data[middle : middle + 32] = bytes(b ^ 0xFF for b in data[middle : middle + 32])
   open(path, 'wb').write(bytes(data))
 
 
@@ -145,16 +167,20 @@ def _killed_mid_write(checkpoint_dir):
   os.rename(checkpoint_dir, checkpoint_dir + '.orbax-checkpoint-tmp-1700000000')
 
 
-@pytest.mark.parametrize('damage,reason', [
-    (_truncate, 'unreadable state'),
-    (_delete_largest_array_file, 'unreadable state'),
-    (_flip_bytes, 'corrupted data, checksum mismatch'),
-    (_garble_meta, 'unreadable metadata'),
-    (_delete_state, 'unreadable state'),
-    (_killed_mid_write, None),
-])
-def test_damaged_newest_checkpoint_falls_back_to_previous(runs, abstract_state, tmp_path, caplog,
-                                                          damage, reason):
+@pytest.mark.parametrize(
+    'damage,reason',
+    [
+        (_truncate, 'unreadable state'),
+        (_delete_largest_array_file, 'unreadable state'),
+        (_flip_bytes, 'corrupted data, checksum mismatch'),
+        (_garble_meta, 'unreadable metadata'),
+        (_delete_state, 'unreadable state'),
+        (_killed_mid_write, None),
+    ],
+)
+def test_damaged_newest_checkpoint_falls_back_to_previous(
+    runs, abstract_state, tmp_path, caplog, damage, reason
+):
   workdir = _copy_run(runs, tmp_path)
   damage(_checkpoint(workdir, 12))
   ckpt = ckpt_lib.Checkpointer(workdir, train.run_identity(runs.config))
@@ -170,14 +196,18 @@ def test_damaged_newest_checkpoint_falls_back_to_previous(runs, abstract_state, 
 
 
 def test_damaged_newest_checkpoint_is_skipped_and_resaved_and_preemption_stops(
-    runs, tmp_path, monkeypatch, capsys, caplog):
+    runs, tmp_path, monkeypatch, capsys, caplog
+):
   workdir = _copy_run(runs, tmp_path)
   _truncate(_checkpoint(workdir, 12))
   # Multi-host preemption: the hosts agree on a step through JAX's sync service; the loop asks at
   # every step. Here the agreed step is the last one, so the run still ends where it should.
   asked = []
-  monkeypatch.setattr(ckpt_lib.Checkpointer, 'reached_preemption',
-                      lambda self, step: asked.append(step) or step == TOTAL_STEPS)
+  monkeypatch.setattr(
+      ckpt_lib.Checkpointer,
+      'reached_preemption',
+      lambda self, step: asked.append(step) or step == TOTAL_STEPS,
+  )
   with caplog.at_level(logging.WARNING):
     train.run(runs.config, workdir)
   assert 'Resumed from step 8 after skipping: step 12' in caplog.text
@@ -204,10 +234,14 @@ def test_checkpoint_of_another_cohort_is_refused_and_config_kept(runs, tmp_path)
   workdir = _copy_run(runs, tmp_path)
   three_peers = evaluate.load_config(workdir)
   three_peers.cohort.num_peers = 3
-  expected = ("archs: checkpoint has ['resnet8', 'resnet8'], config asks for "
-              "['resnet8', 'resnet8', 'resnet8']")
-  with pytest.raises(ckpt_lib.CheckpointError, match=r'belongs to a different run \(' +
-                     expected.replace('[', r'\[').replace(']', r'\]')):
+  expected = (
+      "archs: checkpoint has ['resnet8', 'resnet8'], config asks for "
+      "['resnet8', 'resnet8', 'resnet8']"
+  )
+  with pytest.raises(
+      ckpt_lib.CheckpointError,
+      match=r'belongs to a different run \(' + expected.replace('[', r'\[').replace(']', r'\]'),
+  ):
     train.run(three_peers, workdir)
   assert evaluate.load_config(workdir).cohort.num_peers == 2
 
@@ -215,27 +249,30 @@ def test_checkpoint_of_another_cohort_is_refused_and_config_kept(runs, tmp_path)
 # --------------------------------------------------------------------------------------------- #
 # Bad input
 # --------------------------------------------------------------------------------------------- #
-@pytest.mark.parametrize('key,value,message', [
-    ('data.crop_padding', -1, 'data.crop_padding=-1: must be >= 0'),
-    ('data.eval_batch_size', 0, 'data.eval_batch_size=0: must be >= 1'),
-    ('method.alpha', -0.1, 'method.alpha=-0.1: must be >= 0'),
-    ('method.dml_weight', -1.0, 'method.dml_weight=-1.0: must be >= 0'),
-    ('method.memory_momentum', 1.5, 'method.memory_momentum=1.5: must be in [0, 1]'),
-    ('method.num_negatives', 0, 'method.num_negatives=0: must be >= 1'),
-    ('model.dtype', 'float16', "model.dtype='float16': must be 'float32' or 'bfloat16'"),
-    ('seed', -1, 'seed=-1: must be >= 0'),
-    ('optim.milestones', (60, 30), 'optim.milestones=(60, 30): must be increasing epochs > 0'),
-    ('optim.decay_factor', 0.0, 'optim.decay_factor=0.0: must be > 0'),
-])
+@pytest.mark.parametrize(
+    'key,value,message',
+    [
+        ('data.crop_padding', -1, 'data.crop_padding=-1: must be >= 0'),
+        ('data.eval_batch_size', 0, 'data.eval_batch_size=0: must be >= 1'),
+        ('method.alpha', -0.1, 'method.alpha=-0.1: must be >= 0'),
+        ('method.dml_weight', -1.0, 'method.dml_weight=-1.0: must be >= 0'),
+        ('method.memory_momentum', 1.5, 'method.memory_momentum=1.5: must be in [0, 1]'),
+        ('method.num_negatives', 0, 'method.num_negatives=0: must be >= 1'),
+        ('model.dtype', 'float16', "model.dtype='float16': must be 'float32' or 'bfloat16'"),
+        ('seed', -1, 'seed=-1: must be >= 0'),
+        ('optim.milestones', (60, 30), 'optim.milestones=(60, 30): must be increasing epochs > 0'),
+        ('optim.decay_factor', 0.0, 'optim.decay_factor=0.0: must be > 0'),
+    ],
+)
 def test_each_bad_config_value_is_named(make_config, key, value, message):
   with pytest.raises(config_lib.ConfigError) as e:
-    config_lib.validate(make_config(**{key: value}))
+    train.validate(make_config(**{key: value}))
   assert message in str(e.value)
 
 
 def test_every_bad_value_is_listed_at_once(make_config):
   with pytest.raises(config_lib.ConfigError) as e:
-    config_lib.validate(make_config(**{'data.crop_padding': -2, 'optim.lr': 0.0}))
+    train.validate(make_config(**{'data.crop_padding': -2, 'optim.lr': 0.0}))
   assert 'data.crop_padding=-2' in str(e.value) and 'optim.lr=0.0' in str(e.value)
 
 
@@ -249,16 +286,25 @@ def _read_only_dir(tmp_path):
   return str(tmp_path / 'run')
 
 
-@pytest.mark.parametrize('make_workdir,free_mib,message', [
-    (_inside_a_file, None, 'Cannot write to --workdir'),
-    pytest.param(_read_only_dir, None, 'Cannot write to --workdir',
-                 marks=pytest.mark.skipif(os.geteuid() == 0, reason='root writes anywhere')),
-    (lambda tmp_path: str(tmp_path / 'run'), 1, 'has only 1 MiB free'),
-])
-def test_unusable_workdir_is_reported_before_training(tmp_path, make_config, monkeypatch,
-                                                      make_workdir, free_mib, message):
+@pytest.mark.parametrize(
+    'make_workdir,free_mib,message',
+    [
+        (_inside_a_file, None, 'Cannot write to --workdir'),
+        pytest.param(
+            _read_only_dir,
+            None,
+            'Cannot write to --workdir',
+            marks=pytest.mark.skipif(os.geteuid() == 0, reason='root writes anywhere'),
+        ),
+        (lambda tmp_path: str(tmp_path / 'run'), 1, 'has only 1 MiB free'),
+    ],
+)
+def test_unusable_workdir_is_reported_before_training(
+    tmp_path, make_config, monkeypatch, make_workdir, free_mib, message
+):
   def no_training(*args, **kwargs):
     raise AssertionError('the workdir must be checked before the experiment is built')
+
   monkeypatch.setattr(train, 'Experiment', no_training)
   if free_mib is not None:
     monkeypatch.setattr(train, '_free_bytes', lambda path: free_mib * 2**20)
@@ -272,7 +318,8 @@ def test_unusable_workdir_is_reported_before_training(tmp_path, make_config, mon
 
 
 def test_nan_in_a_batch_stops_the_run_with_the_last_checkpoint_intact(
-    runs, abstract_state, tmp_path, monkeypatch):
+    runs, abstract_state, tmp_path, monkeypatch
+):
   poisoned_step = 5  # the 6th update; a checkpoint was written after update 4
   clean = step_lib.augmented_batch
 
@@ -301,12 +348,23 @@ def test_nan_in_a_batch_stops_the_run_with_the_last_checkpoint_intact(
 # evaluate / export / plot
 # --------------------------------------------------------------------------------------------- #
 def test_evaluate_cli_equals_the_logged_eval_metrics(runs):
-  out = subprocess.run([sys.executable, '-m', 'mcl_jax.evaluate', '--workdir', runs.straight,
-                        '--step', '8'], cwd=REPO, capture_output=True, text=True, check=True)
+  out = subprocess.run(
+      [sys.executable, '-m', 'mcl_jax.evaluate', '--workdir', runs.straight, '--step', '8'],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      check=True,
+  )
   result = json.loads(out.stdout.strip().splitlines()[-1])
   logged = next(r for r in read_metrics(runs.straight) if r['step'] == 8)
-  names = ['eval/peer_0/top1', 'eval/peer_0/top5', 'eval/peer_1/top1', 'eval/peer_1/top5',
-           'eval/ensemble/top1', 'eval/best_peer/top1']
+  names = [
+      'eval/peer_0/top1',
+      'eval/peer_0/top5',
+      'eval/peer_1/top1',
+      'eval/peer_1/top5',
+      'eval/ensemble/top1',
+      'eval/best_peer/top1',
+  ]
   assert sorted(k for k in result if k.startswith('eval/')) == sorted(names)
   assert result['step'] == 8 and result['split'] == 'test'
   assert {k: result[k] for k in names} == {k: logged[k] for k in names}
@@ -321,8 +379,9 @@ def test_exported_peers_give_the_trainer_logits(runs, tmp_path):
   exp, state = evaluate.restore(runs.straight)
   images = exp.test_data.images[:32]
   normalized = augment.normalize(images, exp.aug.mean, exp.aug.std)
-  trainer_logits = exp.cohort.apply(state.params['peers'], state.batch_stats, normalized,
-                                    train=False)[0]['logits']
+  trainer_logits = exp.cohort.apply(
+      state.params['peers'], state.batch_stats, normalized, train=False
+  )[0]['logits']
   every, one = str(tmp_path / 'cohort.msgpack'), str(tmp_path / 'peer1.msgpack')
   export.main(['--workdir', runs.straight, '--peer', 'all', '--out', every])
   export.main(['--workdir', runs.straight, '--peer', '1', '--out', one])
@@ -349,8 +408,11 @@ def test_plot_overlays_runs_and_training_writes_curves(runs, tmp_path):
   titles = [ax.get_title() for ax in fig.axes]
   assert titles == [plot.ACCURACY_PANEL, 'train/loss', 'train/ce', 'train/dml']
   accuracy = {line.get_label() for line in fig.axes[0].lines}
-  assert accuracy == {f'{run} {series}' for run in ('interrupted', 'straight')
-                      for series in ('peer_0', 'peer_1', 'ensemble')}
+  assert accuracy == {
+      f'{run} {series}'
+      for run in ('interrupted', 'straight')
+      for series in ('peer_0', 'peer_1', 'ensemble')
+  }
   assert list(fig.axes[1].lines[1].get_xdata()) == list(range(2, TOTAL_STEPS + 1, 2))
   for workdir in (runs.interrupted, runs.straight):  # written by train.run when a run finishes
     assert os.path.getsize(os.path.join(workdir, 'curves.png')) > 0

@@ -1,4 +1,5 @@
 """The results table: grouping over seeds, best vs final, mean ± std."""
+
 import json
 import os
 
@@ -17,25 +18,36 @@ def fake_run(root, name, seed, method, evals):
   with open(os.path.join(workdir, 'metrics.jsonl'), 'w') as f:
     f.write(json.dumps({'step': 1, 'train/loss': 2.0}) + '\n')
     for step, (p0, p1, ens) in enumerate(evals, start=2):
-      f.write(json.dumps({'step': step, 'eval/peer_0/top1': p0, 'eval/peer_1/top1': p1,
-                          'eval/ensemble/top1': ens,
-                          'eval/best_peer/top1': max(p0, p1)}) + '\n')
+      f.write(
+          json.dumps(
+              {
+                  'step': step,
+                  'eval/peer_0/top1': p0,
+                  'eval/peer_1/top1': p1,
+                  'eval/ensemble/top1': ens,
+                  'eval/best_peer/top1': max(p0, p1),
+              }
+          )
+          + '\n'
+      )
   return workdir
 
 
 def test_table_groups_seeds_and_reports_best_and_final(tmp_path):
-  dirs = [fake_run(tmp_path, 'a0', 0, 'mcl', [(0.80, 0.82, 0.83), (0.90, 0.86, 0.91)]),
-          fake_run(tmp_path, 'a1', 1, 'mcl', [(0.92, 0.70, 0.93), (0.88, 0.86, 0.89)]),
-          fake_run(tmp_path, 'b0', 0, 'dml', [(0.85, 0.84, 0.86)])]
+  dirs = [
+      fake_run(tmp_path, 'a0', 0, 'mcl', [(0.80, 0.82, 0.83), (0.90, 0.86, 0.91)]),
+      fake_run(tmp_path, 'a1', 1, 'mcl', [(0.92, 0.70, 0.93), (0.88, 0.86, 0.89)]),
+      fake_run(tmp_path, 'b0', 0, 'dml', [(0.85, 0.84, 0.86)]),
+  ]
   lines = report.table(dirs).splitlines()
   assert len(lines) == 4
   mcl = next(l for l in lines if '· mcl ·' in l)
   cells = [c.strip() for c in mcl.strip('|').split('|')]
   assert cells[0] == 'fashion_mnist · mcl · resnet8×2' and cells[1] == '0,1'
-  assert cells[3] == '91.00 ± 1.41'          # best-peer: max over evals: 0.90, 0.92
-  assert cells[4] == '89.00 ± 1.41'          # final best peer: 0.90, 0.88
-  assert cells[5] == '87.50 ± 0.71'          # final mean peer: 0.88, 0.87
-  assert cells[6] == '92.00 ± 1.41'          # best ensemble: 0.91, 0.93
+  assert cells[3] == '91.00 ± 1.41'  # best-peer: max over evals: 0.90, 0.92
+  assert cells[4] == '89.00 ± 1.41'  # final best peer: 0.90, 0.88
+  assert cells[5] == '87.50 ± 0.71'  # final mean peer: 0.88, 0.87
+  assert cells[6] == '92.00 ± 1.41'  # best ensemble: 0.91, 0.93
   dml = next(l for l in lines if '· dml ·' in l)
   assert '| 85.00 |' in dml
 

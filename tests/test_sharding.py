@@ -21,23 +21,32 @@ trajectories up to 3.6e-3 / 1.2e-2 -- the same divergence two 1-device programs 
 reduction order show (benchmarks/results/sharding.md). The inputs carry fixed noise and no
 zero-padded crops (`with_noise`): exact ties (constant background) flip even in float64.
 """
+
 import json
+import dataclasses
 import os
 import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
-from mcl_jax import config_lib, optim, sharding
+from mcl_jax import config_lib, optim, sharding, train
 
 from conftest import REPO, tiny_config
 
 HELPER = os.path.join(REPO, 'tests', 'sharding_equivalence.py')
-CASES = ('8x1:2:unroll', '4x2:2:unroll', '8x1:4:vmap', '4x2:4:vmap', '2x4:4:vmap',
-         '4x2:4:unroll:jit')
+CASES = (
+    '8x1:2:unroll',
+    '4x2:2:unroll',
+    '8x1:4:vmap',
+    '4x2:4:vmap',
+    '2x4:4:vmap',
+    '4x2:4:unroll:jit',
+)
 STATE_TOL = 1e-5
 METRIC_TOL = 1e-5
 
@@ -45,13 +54,22 @@ METRIC_TOL = 1e-5
 @pytest.fixture(scope='module')
 def mesh_runs(tmp_path_factory):
   out = str(tmp_path_factory.mktemp('sharding') / 'results.json')
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             # LLVM -O1: faster CPU compiles. (Not -O0: its code for the data-sharded ResNet
-             # backward differs from the 1-device run by ~1e-2 after one step; -O1 and the default
-             # agree to 1e-6.)
-             XLA_FLAGS='--xla_backend_optimization_level=1')
-  proc = subprocess.run([sys.executable, HELPER, out, '--steps', '3', '--cases', ','.join(CASES)],
-                        capture_output=True, text=True, env=env, cwd=REPO, timeout=1800)
+  env = dict(
+      os.environ,
+      JAX_PLATFORMS='cpu',
+      # LLVM -O1: faster CPU compiles. (Not -O0: its code for the data-sharded ResNet
+      # backward differs from the 1-device run by ~1e-2 after one step; -O1 and the default
+      # agree to 1e-6.)
+      XLA_FLAGS='--xla_backend_optimization_level=1',
+  )
+  proc = subprocess.run(
+      [sys.executable, HELPER, out, '--steps', '3', '--cases', ','.join(CASES)],
+      capture_output=True,
+      text=True,
+      env=env,
+      cwd=REPO,
+      timeout=1800,
+  )
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
   with open(out) as f:
     return {r['case']: r for r in json.load(f)}
@@ -85,15 +103,18 @@ def test_placements(mesh_runs, case):
   memory_spec = str(P('peer', 'data') if peer_split else P(None, 'data'))
   for stage in ('init', 'final', 'restored'):
     placed = r['placements'][stage]
-    assert placed == r['expected'], stage   # every leaf where state_sharding put it
+    assert placed == r['expected'], stage  # every leaf where state_sharding put it
     leaves = {path: spec for path, spec in placed.items()}
     peer_leaves = [p for p in leaves if p.startswith(".params['peers']")]
     assert peer_leaves and all(leaves[p] == peer_spec for p in peer_leaves)
     assert all(leaves[p] == peer_spec for p in leaves if p.startswith('.batch_stats'))
     assert all(leaves[p] == peer_spec for p in leaves if "['heads']" in p)
     # Optimizer state (SGD momentum) follows the params, leaf for leaf.
-    momentum = {p.split("['peers']", 1)[1]: s for p, s in leaves.items()
-                if p.startswith('.opt_state') and "['peers']" in p}
+    momentum = {
+        p.split("['peers']", 1)[1]: s
+        for p, s in leaves.items()
+        if p.startswith('.opt_state') and "['peers']" in p
+    }
     assert momentum == {p.split("['peers']", 1)[1]: leaves[p] for p in peer_leaves}
     assert leaves[".method_state['memory']"] == memory_spec
     assert leaves['.step'] == str(P())
@@ -104,20 +125,84 @@ def test_placements(mesh_runs, case):
 def test_more_peer_devices_than_peers_is_rejected():
   config = tiny_config(**{'cohort.num_peers': 2, 'mesh.data': 2, 'mesh.peer': 4})
   with pytest.raises(config_lib.ConfigError, match='mesh.peer=4'):
-    config_lib.validate(config, num_devices=8)
+    train.validate(config, num_devices=8)
 
 
-def test_leaf_spec_rules():
+def test_mesh_spec_maps_logical_axes_where_they_divide():
   mesh = AbstractMesh((4, 2), ('data', 'peer'))
-  key = jax.tree_util.DictKey
-  assert sharding.leaf_spec((key('params'), key('peers'), key('w')), (4, 3, 3), mesh) == P('peer')
-  assert sharding.leaf_spec((key('params'), key('peers'), key('w')), (3, 3), mesh) == P()  # 3 % 2
-  assert sharding.leaf_spec((key('memory'),), (4, 128, 16), mesh) == P('peer', 'data')
-  assert sharding.leaf_spec((key('memory'),), (3, 130, 16), mesh) == P(None, None)
-  assert sharding.leaf_spec((key('by_class'),), (128,), mesh) == P()
+  assert sharding.mesh_spec(sharding.PEER, (4, 3, 3), mesh) == P('peer')
+  assert sharding.mesh_spec(sharding.PEER, (3, 3), mesh) == P()  # 3 % 2
+  assert sharding.mesh_spec(sharding.PEER_EXAMPLE, (4, 128, 16), mesh) == P('peer', 'data')
+  assert sharding.mesh_spec(sharding.PEER_EXAMPLE, (3, 130, 16), mesh) == P()
+  assert sharding.mesh_spec(sharding.REPLICATED, (128,), mesh) == P()
   flat = AbstractMesh((8, 1), ('data', 'peer'))
-  assert sharding.leaf_spec((key('peers'), key('w')), (4, 3), flat) == P()
-  assert sharding.leaf_spec((key('memory'),), (4, 128, 16), flat) == P(None, 'data')
+  assert sharding.mesh_spec(sharding.PEER, (4, 3), flat) == P()
+  assert sharding.mesh_spec(sharding.PEER_EXAMPLE, (4, 128, 16), flat) == P(None, 'data')
+
+
+# (method, arch, per-peer leading size with K = 4 peers): MCL-OKD's views are its peers' branches.
+LAYOUT_CASES = (
+    ('independent', 'resnet8', 4),
+    ('dml', 'resnet8', 4),
+    ('mcl', 'resnet8', 4),
+    ('mcl:memory_bank', 'resnet8', 4),
+    ('lmcl', 'resnet8', 4),
+    ('lmcl:memory_bank', 'resnet8', 4),
+    ('mcl_okd', 'resnet8_okd2', 8),
+    ('kd', 'resnet8', 4),
+    ('ckd', 'resnet8', 4),
+    ('crcd', 'resnet8', 4),
+)
+
+
+@pytest.mark.parametrize('case,arch,num_views', LAYOUT_CASES)
+def test_every_per_peer_leaf_is_declared_on_the_peer_axis(case, arch, num_views):
+  """Each method declares its leaves' placement (no key-name guessing): on a (data 2, peer 4)
+  mesh every leaf stacked per peer (leading axis K, or K x branches) is split over 'peer', memory
+  banks [K, N, D] also over 'data', and nothing else is on 'peer'."""
+  from mcl_jax import cohort as cohort_lib, methods, models
+  from mcl_jax import step as step_lib
+
+  name, _, variant = case.partition(':')
+  overrides = {'memory_bank': True, 'num_negatives': 16} if variant else {}
+  if name in ('mcl_okd', 'crcd'):
+    overrides['num_negatives'] = 16
+  config = tiny_config(**{'method.name': name, 'model.arch': arch, 'cohort.num_peers': 4})
+  config.method.update(overrides)
+  num_train, num_classes = 64, 10
+  run = train.run_info(config, num_train, num_classes)
+  run = dataclasses.replace(run, teacher_arch='resnet8')
+  method = methods.build(config.method, run)
+  cohort = cohort_lib.build_cohort(config.model, config.cohort, num_classes)
+  tx, _ = optim.make_optimizer(config.optim, 10, 5, config.batch_size)
+  labels = np.arange(num_train, dtype=np.int32) % num_classes
+  abstract = jax.eval_shape(
+      lambda k: step_lib.create_state(cohort, method, tx, k, jnp.zeros((1, 28, 28, 1)), labels),
+      jax.random.key(0),
+  )
+  layout = step_lib.state_layout(cohort, method, tx, abstract)
+  mesh = AbstractMesh((2, 4), ('data', 'peer'))
+  specs = jax.tree.map(
+      lambda leaf, logical: sharding.mesh_spec(logical, leaf.shape, mesh),
+      abstract,
+      layout,
+      is_leaf=lambda x: isinstance(x, P),
+  )
+  leaves = jax.tree_util.tree_leaves_with_path(abstract)
+  spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
+  assert len(leaves) == len(spec_leaves)
+  on_peer = 0
+  for (path, leaf), spec in zip(leaves, spec_leaves):
+    where = jax.tree_util.keystr(path)
+    per_peer = leaf.ndim >= 1 and leaf.shape[0] in (4, num_views)  # peers, or their views
+    if per_peer:
+      on_peer += 1
+      assert tuple(spec)[:1] == ('peer',), f'{case}: {where} {leaf.shape} is placed {spec}'
+    else:
+      assert 'peer' not in tuple(spec), f'{case}: {where} {leaf.shape} is placed {spec}'
+    if "['memory']" in where and leaf.ndim == 3:
+      assert tuple(spec) == ('peer', 'data'), f'{case}: memory {where} is placed {spec}'
+  assert on_peer > 0
 
 
 def test_single_process_feeds_every_row():
@@ -138,7 +223,7 @@ def test_linear_lr_scaling():
   assert float(schedule(0)) == pytest.approx(0.2)
   bad = tiny_config(**{'optim.lr_scaling': 'sqrt'})
   with pytest.raises(config_lib.ConfigError, match='optim.lr_scaling'):
-    config_lib.validate(bad)
+    train.validate(bad)
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -151,27 +236,48 @@ def _bash(*args):
   return subprocess.run(['bash', *args], capture_output=True, text=True, cwd=REPO, timeout=60)
 
 
-@pytest.mark.parametrize('script', ['local.sh', 'tpu_pod.sh', 'gpu_multihost_slurm.sh',
-                                    '_common.sh'])
+@pytest.mark.parametrize(
+    'script', ['local.sh', 'tpu_pod.sh', 'gpu_multihost_slurm.sh', '_common.sh']
+)
 def test_launch_scripts_parse(script):
   proc = _bash('-n', os.path.join(LAUNCH, script))
   assert proc.returncode == 0, proc.stderr
 
 
 def test_tpu_pod_dry_run():
-  proc = _bash(os.path.join(LAUNCH, 'tpu_pod.sh'), '--dry-run', '--create', '--tpu', 'mcl-pod',
-               '--zone', 'us-central2-b', '--accelerator', 'v4-32', '--bucket', 'gs://b',
-               '--config', 'configs/imagenet_mcl.py:arch=resnet18,peers=2',
-               '--workdir', 'gs://b/runs/r18x2', '--', '--config.mesh.peer=2')
+  proc = _bash(
+      os.path.join(LAUNCH, 'tpu_pod.sh'),
+      '--dry-run',
+      '--create',
+      '--tpu',
+      'mcl-pod',
+      '--zone',
+      'us-central2-b',
+      '--accelerator',
+      'v4-32',
+      '--bucket',
+      'gs://b',
+      '--config',
+      'configs/imagenet_mcl.py:arch=resnet18,peers=2',
+      '--workdir',
+      'gs://b/runs/r18x2',
+      '--',
+      '--config.mesh.peer=2',
+  )
   assert proc.returncode == 0, proc.stderr
   commands = [l for l in proc.stdout.splitlines() if l.startswith('+ ')]
   assert len(commands) == 4
   assert commands[0].startswith('+ gcloud compute tpus tpu-vm create mcl-pod')
   assert 'scp --recurse' in commands[1] and '--worker=all' in commands[1]
   run = commands[3]
-  for part in ('--worker=all', 'TFDS_DATA_DIR=gs://b/tfds', 'MCL_JAX_DISTRIBUTED=1',
-               '--config configs/imagenet_mcl.py:arch=resnet18,peers=2',
-               '--workdir gs://b/runs/r18x2', '--config.mesh.peer=2'):
+  for part in (
+      '--worker=all',
+      'TFDS_DATA_DIR=gs://b/tfds',
+      'MCL_JAX_DISTRIBUTED=1',
+      '--config configs/imagenet_mcl.py:arch=resnet18,peers=2',
+      '--workdir gs://b/runs/r18x2',
+      '--config.mesh.peer=2',
+  ):
     assert part in run, part
   missing = _bash(os.path.join(LAUNCH, 'tpu_pod.sh'), '--dry-run', '--tpu', 'x')
   assert missing.returncode == 2 and 'required' in missing.stderr
@@ -179,26 +285,57 @@ def test_tpu_pod_dry_run():
 
 def test_slurm_dry_run():
   env = {k: v for k, v in os.environ.items() if not k.startswith('SLURM_')}
-  proc = subprocess.run(['bash', os.path.join(LAUNCH, 'gpu_multihost_slurm.sh'), '--dry-run',
-                         'configs/imagenet_mcl.py:peers=4', '/shared/r18x4',
-                         '--config.batch_size=1024'],
-                        capture_output=True, text=True, cwd=REPO, env=env, timeout=60)
+  proc = subprocess.run(
+      [
+          'bash',
+          os.path.join(LAUNCH, 'gpu_multihost_slurm.sh'),
+          '--dry-run',
+          'configs/imagenet_mcl.py:peers=4',
+          '/shared/r18x4',
+          '--config.batch_size=1024',
+      ],
+      capture_output=True,
+      text=True,
+      cwd=REPO,
+      env=env,
+      timeout=60,
+  )
   assert proc.returncode == 0, proc.stderr
   (command,) = [l for l in proc.stdout.splitlines() if l.startswith('+ ')]
   assert command.startswith('+ srun --ntasks-per-node=1')
-  for part in ('JAX_COORDINATOR_ADDRESS=', 'MCL_JAX_DISTRIBUTED=1', '-m mcl_jax.main',
-               '--workdir /shared/r18x4', '--config.batch_size=1024'):
+  for part in (
+      'JAX_COORDINATOR_ADDRESS=',
+      'MCL_JAX_DISTRIBUTED=1',
+      '-m mcl_jax.main',
+      '--workdir /shared/r18x4',
+      '--config.batch_size=1024',
+  ):
     assert part in command, part
-  outside = subprocess.run(['bash', os.path.join(LAUNCH, 'gpu_multihost_slurm.sh'), 'c', 'w'],
-                           capture_output=True, text=True, cwd=REPO, env=env, timeout=60)
+  outside = subprocess.run(
+      ['bash', os.path.join(LAUNCH, 'gpu_multihost_slurm.sh'), 'c', 'w'],
+      capture_output=True,
+      text=True,
+      cwd=REPO,
+      env=env,
+      timeout=60,
+  )
   assert outside.returncode == 2 and 'sbatch' in outside.stderr
 
 
 def test_local_dry_run():
-  proc = _bash(os.path.join(LAUNCH, 'local.sh'), '--dry-run', '--fake-cpu-devices', '8',
-               'configs/fashion_mnist_mcl.py:smoke', '/tmp/fm8', '--config.mesh.peer=2')
+  proc = _bash(
+      os.path.join(LAUNCH, 'local.sh'),
+      '--dry-run',
+      '--fake-cpu-devices',
+      '8',
+      'configs/fashion_mnist_mcl.py:smoke',
+      '/tmp/fm8',
+      '--config.mesh.peer=2',
+  )
   assert proc.returncode == 0, proc.stderr
   (command,) = [l for l in proc.stdout.splitlines() if l.startswith('+ ')]
   assert 'XLA_FLAGS=--xla_force_host_platform_device_count=8' in command
-  assert command.endswith('-m mcl_jax.main --config configs/fashion_mnist_mcl.py:smoke '
-                          '--workdir /tmp/fm8 --config.mesh.peer=2')
+  assert command.endswith(
+      '-m mcl_jax.main --config configs/fashion_mnist_mcl.py:smoke '
+      '--workdir /tmp/fm8 --config.mesh.peer=2'
+  )

@@ -1,4 +1,5 @@
 """The training loop end to end: loss goes down, resume == uninterrupted, clear errors."""
+
 import json
 import os
 import subprocess
@@ -17,8 +18,9 @@ from conftest import REPO
 
 
 def restore_final_state(workdir):
-  manager = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints', 'latest'),
-                                  item_names=('state', 'meta'))
+  manager = ocp.CheckpointManager(
+      os.path.join(workdir, 'checkpoints', 'latest'), item_names=('state', 'meta')
+  )
   step = manager.latest_step()
   state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
   return step, state['state']
@@ -32,7 +34,7 @@ def test_resume_equals_uninterrupted(tmp_path, make_config):
   config = make_config()
   straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
   train.run(config, straight)
-  train.run(config, resumed, stop_after_steps=3)   # as if preempted after step 3
+  train.run(config, resumed, stop_after_steps=3)  # as if preempted after step 3
   assert restore_final_state(resumed)[0] == 3
   train.run(config, resumed)
 
@@ -43,9 +45,17 @@ def test_resume_equals_uninterrupted(tmp_path, make_config):
   metrics_a, metrics_b = read_metrics(straight), read_metrics(resumed)
   assert reproducible(metrics_a) == reproducible(metrics_b)
   names = set().union(*metrics_a)
-  for name in ('train/loss', 'train/ce', 'train/dml', 'train/lr', 'train/img_per_s',
-               'eval/peer_0/top1', 'eval/peer_1/top5', 'eval/ensemble/top1',
-               'eval/best_peer/top1'):
+  for name in (
+      'train/loss',
+      'train/ce',
+      'train/dml',
+      'train/lr',
+      'train/img_per_s',
+      'eval/peer_0/top1',
+      'eval/peer_1/top5',
+      'eval/ensemble/top1',
+      'eval/best_peer/top1',
+  ):
     assert name in names, name
   assert os.listdir(os.path.join(straight, 'checkpoints', 'best'))
   assert json.load(open(os.path.join(straight, 'config.json')))['method']['name'] == 'dml'
@@ -57,8 +67,15 @@ def test_resume_equals_uninterrupted(tmp_path, make_config):
 
 
 def test_train_step_lowers_loss_on_a_fixed_batch(make_config):
-  config = make_config(**{'data.crop_padding': 0, 'data.flip': False, 'optim.lr': 0.05,
-                          'optim.schedule': 'constant', 'method.name': 'independent'})
+  config = make_config(
+      **{
+          'data.crop_padding': 0,
+          'data.flip': False,
+          'optim.lr': 0.05,
+          'optim.schedule': 'constant',
+          'method.name': 'independent',
+      }
+  )
   exp = train.Experiment(config)
   state, batch = exp.init_state(), exp.batch(0)
   losses = []
@@ -69,28 +86,31 @@ def test_train_step_lowers_loss_on_a_fixed_batch(make_config):
   assert int(state.step) == 6
 
 
-@pytest.mark.parametrize('key,value,message', [
-    ('cohort.num_peers', 0, 'cohort.num_peers=0: must be >= 1'),
-    ('method.name', 'mlc', "method.name='mlc'"),
-    ('model.arch', 'resnet33', "model.arch='resnet33'"),
-    ('cohort.strategy', 'pmap', "cohort.strategy='pmap'"),
-    ('optim.schedule', 'poly', "optim.schedule='poly'"),
-    ('data.name', 'cifar10', "data.name='cifar10'"),
-])
+@pytest.mark.parametrize(
+    'key,value,message',
+    [
+        ('cohort.num_peers', 0, 'cohort.num_peers=0: must be >= 1'),
+        ('method.name', 'mlc', "method.name='mlc'"),
+        ('model.arch', 'resnet33', "model.arch='resnet33'"),
+        ('cohort.strategy', 'pmap', "cohort.strategy='pmap'"),
+        ('optim.schedule', 'poly', "optim.schedule='poly'"),
+        ('data.name', 'cifar10', "data.name='cifar10'"),
+    ],
+)
 def test_bad_config_values_are_named(make_config, key, value, message):
   with pytest.raises(config_lib.ConfigError, match=message.replace('(', r'\(')):
-    config_lib.validate(make_config(**{key: value}))
+    train.validate(make_config(**{key: value}))
 
 
 def test_batch_not_divisible_by_devices(make_config):
   with pytest.raises(config_lib.ConfigError, match='batch_size=30: must be divisible by the 4'):
-    config_lib.validate(make_config(batch_size=30), num_devices=4)
+    train.validate(make_config(batch_size=30), num_devices=4)
 
 
 def test_missing_tfds_data_names_the_fix(tmp_path, make_config):
   config = make_config(**{'data.name': 'cifar100', 'data.data_dir': str(tmp_path)})
   with pytest.raises(FileNotFoundError, match='tfds build cifar100') as e:
-    config_lib.validate(config)
+    train.validate(config)
   assert 'data.name=fashion_mnist' in str(e.value)
 
 
@@ -108,12 +128,20 @@ def test_non_finite_loss_stops_with_step_and_terms(tmp_path, make_config):
 
 
 def test_cli_rejects_unknown_key_and_runs(tmp_path):
-  cmd = [sys.executable, '-m', 'mcl_jax.main', '--config', 'configs/fashion_mnist_mcl.py:smoke',
-         '--workdir', str(tmp_path / 'cli')]
+  cmd = [
+      sys.executable,
+      '-m',
+      'mcl_jax.main',
+      '--config',
+      'configs/fashion_mnist_mcl.py:smoke',
+      '--workdir',
+      str(tmp_path / 'cli'),
+  ]
   bad = subprocess.run(cmd + ['--config.optim.lrr=0.1'], cwd=REPO, capture_output=True, text=True)
   assert bad.returncode != 0 and 'lrr' in bad.stderr
-  bad = subprocess.run(cmd + ['--config.cohort.num_peers=0'], cwd=REPO, capture_output=True,
-                       text=True)
+  bad = subprocess.run(
+      cmd + ['--config.cohort.num_peers=0'], cwd=REPO, capture_output=True, text=True
+  )
   assert bad.returncode == 2 and 'cohort.num_peers=0' in bad.stderr
 
 
@@ -121,20 +149,41 @@ def test_streamed_dataset_trains_and_resumes_exactly(tmp_path, make_config, monk
   """The imagenet2012 path (grain stream + memory-bank MCL with lazily read labels) on a small
   fake tfds source: trains, and a resumed run equals an uninterrupted one."""
   from mcl_jax import data
+
   rng = np.random.default_rng(0)
-  records = [{'image': rng.integers(0, 256, (20, 18, 3), dtype=np.uint8), 'label': i % 10}
-             for i in range(40)]
+  records = [
+      {'image': rng.integers(0, 256, (20, 18, 3), dtype=np.uint8), 'label': i % 10}
+      for i in range(40)
+  ]
   spec = data._SOURCES['imagenet2012']
-  monkeypatch.setitem(data._SOURCES, 'imagenet2012', spec.__class__(
-      data.DatasetInfo((16, 16, 3), 10, len(records)), len(records), spec.mean, spec.std,
-      spec.tfds_splits))
+  monkeypatch.setitem(
+      data._SOURCES,
+      'imagenet2012',
+      spec.__class__(
+          data.DatasetInfo((16, 16, 3), 10, len(records)),
+          len(records),
+          spec.mean,
+          spec.std,
+          spec.tfds_splits,
+      ),
+  )
   monkeypatch.setattr(data, 'check_available', lambda name, data_dir=None: None)
   monkeypatch.setattr(data, '_tfds_data_source', lambda *a, **k: records)
-  config = make_config(**{'data.name': 'imagenet2012', 'data.crop_padding': 0,
-                          'data.flip': False, 'data.eval_batch_size': 16, 'batch_size': 8,
-                          'total_steps': 4, 'eval_every_steps': 4, 'method.name': 'mcl',
-                          'method.memory_bank': True, 'method.num_negatives': 6,
-                          'method.tau': 0.07})
+  config = make_config(
+      **{
+          'data.name': 'imagenet2012',
+          'data.crop_padding': 0,
+          'data.flip': False,
+          'data.eval_batch_size': 16,
+          'batch_size': 8,
+          'total_steps': 4,
+          'eval_every_steps': 4,
+          'method.name': 'mcl',
+          'method.memory_bank': True,
+          'method.num_negatives': 6,
+          'method.tau': 0.07,
+      }
+  )
   straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
   last = train.run(config, straight)
   assert 0.0 <= last['eval/best_peer/top1'] <= 1.0

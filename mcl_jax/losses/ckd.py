@@ -1,5 +1,6 @@
 """CKD: contrastive knowledge distillation from a sample-wise perspective (Zhu et al., arXiv
 2404.14109; ``specs/other-methods.md`` §2). ``B`` batch, ``C`` classes."""
+
 import jax
 import jax.numpy as jnp
 

@@ -7,6 +7,7 @@ contrasted against the teacher-memory relations ``V_t[cidx] - A_t`` of the same 
 positive = the same example), and symmetrically for the teacher head. ``B`` batch (= number of
 anchors ``A``), ``K`` negatives, ``F`` embedding width, ``N`` memory rows, ``D`` feature width.
 """
+
 import jax
 import jax.numpy as jnp
 
@@ -43,11 +44,12 @@ def crcd_relation_scores(query, anchors, keys, temperature, key_is_anchor) -> Ar
   anchors = jax.lax.stop_gradient(_upcast(anchors))
   keys = jax.lax.stop_gradient(_upcast(keys)) + RELATION_SHIFT
   q = l2_normalize(_upcast(query)[:, None, :] - anchors[None] + RELATION_SHIFT)  # [B, A, F]
-  numerator = (jnp.einsum('bkf,baf->bak', keys, q)
-               - jnp.einsum('af,baf->ba', anchors, q)[..., None])
-  squared_norm = (jnp.sum(keys * keys, axis=-1)[:, None, :]
-                  - 2.0 * jnp.einsum('bkf,af->bak', keys, anchors)
-                  + jnp.sum(anchors * anchors, axis=-1)[None, :, None])
+  numerator = jnp.einsum('bkf,baf->bak', keys, q) - jnp.einsum('af,baf->ba', anchors, q)[..., None]
+  squared_norm = (
+      jnp.sum(keys * keys, axis=-1)[:, None, :]
+      - 2.0 * jnp.einsum('bkf,af->bak', keys, anchors)
+      + jnp.sum(anchors * anchors, axis=-1)[None, :, None]
+  )
   # Double where: the discarded branch must not produce a NaN gradient either.
   safe_norm = jnp.sqrt(jnp.where(key_is_anchor, 1.0, jnp.maximum(squared_norm, 1e-24)))
   self_relation = jnp.sum(q, axis=-1, keepdims=True) / jnp.sqrt(q.shape[-1])
@@ -55,8 +57,9 @@ def crcd_relation_scores(query, anchors, keys, temperature, key_is_anchor) -> Ar
   return jnp.exp(cosine / temperature).reshape(-1, keys.shape[1])
 
 
-def crcd_relation_loss(e_s, e_t, mem_s, mem_t, idx, contrast_idx, temperature=0.05,
-                       Z=None) -> tuple[Array, Array]:
+def crcd_relation_loss(
+    e_s, e_t, mem_s, mem_t, idx, contrast_idx, temperature=0.05, Z=None
+) -> tuple[Array, Array]:
   """Relation contrastive loss of one distilled element (feature or gradient).
 
   ``P1``: student relations ``e_s - V_t[idx]`` against teacher-memory relations
@@ -81,8 +84,13 @@ def crcd_relation_loss(e_s, e_t, mem_s, mem_t, idx, contrast_idx, temperature=0.
   Z = (None, None) if Z is None else (Z[0], Z[1])
   losses, Z_used = [], []
   for query, memory, z in ((e_s, mem_t, Z[0]), (e_t, mem_s, Z[1])):
-    E = crcd_relation_scores(query, jnp.take(memory, idx, axis=0),
-                             jnp.take(memory, contrast_idx, axis=0), temperature, key_is_anchor)
+    E = crcd_relation_scores(
+        query,
+        jnp.take(memory, idx, axis=0),
+        jnp.take(memory, contrast_idx, axis=0),
+        temperature,
+        key_is_anchor,
+    )
     z = normalising_constant(E, z, n_data)
     losses.append(nce_loss(E / z, n_data))
     Z_used.append(z)

@@ -1,12 +1,12 @@
 """MCL and L-MCL losses: pure, jit-able functions of arrays.
 
-Formulas, names and reductions follow ``specs/mcl.md`` (sections 2, 2.1, 3.1 and 7):
+Formulas, names and reductions are those of ``docs/methods.md`` (its MCL and L-MCL sections):
 
 * contrastive terms are SUMS over peers / ordered peer pairs and MEANS over anchors;
 * soft (distribution-transfer) terms are batch-mean KL(target || student) times ``T**2``, with the
   target side under ``stop_gradient``;
 * an anchor without a positive contributes ``r = 0`` and is left out of the anchor mean; a term
-  with no valid anchor is 0 (``specs/interface.md``, "Precise rules").
+  with no valid anchor is 0 (``docs/methods.md#anchors-without-positives``).
 
 Shapes: ``K`` peers, ``S`` stages per peer, ``B`` batch, ``D`` embedding width, ``C`` classes,
 ``N`` memory-bank size. Embeddings are expected to be L2-normalised already (see
@@ -159,7 +159,7 @@ def _in_batch_masks(labels, include_self_positive: bool = False) -> tuple[Array,
 
   Default: positives = same label without the anchor index, denominator = all but the anchor
   index. ``include_self_positive``: positives = same label including the diagonal, denominator =
-  everything (spec 6.1).
+  everything (docs/methods.md#mcl-choices).
   """
   labels = jnp.asarray(labels)
   same_label = labels[:, None] == labels[None, :]
@@ -204,7 +204,9 @@ def ce_loss(logits, labels) -> Array:
 
 
 def vcl_loss(emb, labels, tau) -> Array:
-  """Vanilla (intra-peer) contrastive loss, spec 2(b): ``sum_k SupCon(z_k z_k^T / tau)``.
+  """Vanilla (intra-peer) contrastive loss: ``sum_k SupCon(z_k z_k^T / tau)``.
+
+  VCL of docs/methods.md#mcl-in-batch-terms.
 
   Args:
     emb: ``[K, B, D]`` L2-normalised embeddings.
@@ -220,7 +222,7 @@ def vcl_loss(emb, labels, tau) -> Array:
 
 
 def icl_loss(emb, labels, tau, include_self_positive: bool = False) -> Array:
-  """Interactive (cross-peer) contrastive loss, spec 2(c).
+  """Interactive (cross-peer) contrastive loss, docs/methods.md#mcl-in-batch-terms.
 
   ``sum_{k != l} SupCon(z_k z_l^T / tau)``: anchor ``z_k[a]``, contrast set from peer l.
 
@@ -230,7 +232,7 @@ def icl_loss(emb, labels, tau, include_self_positive: bool = False) -> Array:
     tau: contrastive temperature.
     include_self_positive: False (official CIFAR code): the same sample seen by the other peer is
       excluded from positives and denominator. True: it is a positive and the denominator is the
-      whole contrast set (spec 6.1).
+      whole contrast set (docs/methods.md#mcl-choices).
 
   Returns:
     Scalar.
@@ -241,9 +243,9 @@ def icl_loss(emb, labels, tau, include_self_positive: bool = False) -> Array:
 
 
 def soft_vcl_loss(emb, tau, T) -> Array:
-  """Soft VCL, spec 2(d): ``sum_{k != l} KL_T(A_k || sg(A_l))``, ``A_k = z_k z_k^T / tau``.
+  """Soft VCL, docs/methods.md#mcl-in-batch-terms: ``sum_{k != l} KL_T(A_k || sg(A_l))``.
 
-  Full rows (diagonal included).
+  ``A_k = z_k z_k^T / tau``; full rows (diagonal included).
 
   Args:
     emb: ``[K, B, D]`` L2-normalised embeddings.
@@ -258,7 +260,7 @@ def soft_vcl_loss(emb, tau, T) -> Array:
 
 
 def soft_icl_loss(emb, tau, T) -> Array:
-  """Soft ICL, spec 2(e): ``sum_{k != l} KL_T(X_{k,l} || sg(X_{l,k}))``.
+  """Soft ICL, docs/methods.md#mcl-in-batch-terms: ``sum_{k != l} KL_T(X_{k,l} || sg(X_{l,k}))``.
 
   ``X_{k,l} = z_k z_l^T / tau``: row a of the student is anchor ``z_k[a]`` against all of peer l,
   row a of the target is anchor ``z_l[a]`` against all of peer k. Full rows (diagonal included).
@@ -276,10 +278,10 @@ def soft_icl_loss(emb, tau, T) -> Array:
 
 
 def logit_kd_loss(logits, T) -> Array:
-  """Logit mutual learning, spec 2(f) default: ``sum_k KL_T(logits_k || sg(mean_l logits_l))``.
+  """Logit KD, docs/methods.md#mcl-logit-kd: ``sum_k KL_T(logits_k || sg(mean_l logits_l))``.
 
   All peers distil from the stop-gradient ensemble (not the official CIFAR K > 2 / ImageNet quirks,
-  spec 6.4).
+  docs/methods.md#mcl-choices).
 
   Args:
     logits: ``[K, B, C]``.
@@ -293,9 +295,21 @@ def logit_kd_loss(logits, T) -> Array:
   return jnp.sum(_soft_kl_reduce(_soft_kl_rows(logits, ensemble, T), T))
 
 
-def mcl_loss(emb, logits, labels, *, tau, T, alpha, beta, gamma, lam, logit_kd: bool,
-             include_self_positive: bool = False) -> tuple[Array, dict[str, Array]]:
-  """Total MCL objective, spec 2(g).
+def mcl_loss(
+    emb,
+    logits,
+    labels,
+    *,
+    tau,
+    T,
+    alpha,
+    beta,
+    gamma,
+    lam,
+    logit_kd: bool,
+    include_self_positive: bool = False
+) -> tuple[Array, dict[str, Array]]:
+  """Total MCL objective, docs/methods.md#mcl-total-loss.
 
   ``total = ce + kd + alpha*vcl + gamma*soft_vcl + beta*icl + lam*soft_icl``.
 
@@ -320,8 +334,14 @@ def mcl_loss(emb, logits, labels, *, tau, T, alpha, beta, gamma, lam, logit_kd: 
       'soft_icl': soft_icl_loss(emb, tau, T),
       'kd': logit_kd_loss(logits, T) if logit_kd else jnp.zeros_like(ce),
   }
-  total = (terms['ce'] + terms['kd'] + alpha * terms['vcl'] + gamma * terms['soft_vcl']
-           + beta * terms['icl'] + lam * terms['soft_icl'])
+  total = (
+      terms['ce']
+      + terms['kd']
+      + alpha * terms['vcl']
+      + gamma * terms['soft_vcl']
+      + beta * terms['icl']
+      + lam * terms['soft_icl']
+  )
   return total, terms
 
 
@@ -331,7 +351,7 @@ def mcl_loss(emb, logits, labels, *, tau, T, alpha, beta, gamma, lam, logit_kd: 
 
 
 def memory_vcl_icl_losses(emb, memory, idx, num_pos: int, tau, T) -> dict[str, Array]:
-  """Memory-bank VCL / ICL and their soft versions, spec 2.1.
+  """Memory-bank VCL / ICL and their soft versions, docs/methods.md#mcl-memory-bank.
 
   Column 0 of ``idx`` is the sample's own slot, columns ``1..num_pos`` same-class slots, the rest
   negatives. With ``I[k, l][b, :] = M_k[idx[b]] . z_l[b] / tau`` (contrast = memory of peer k,
@@ -374,7 +394,7 @@ def memory_vcl_icl_losses(emb, memory, idx, num_pos: int, tau, T) -> dict[str, A
 
 
 def memory_update(memory, emb, own_idx, momentum) -> Array:
-  """Momentum update of every peer's memory slots, spec 2.1 (no gradient).
+  """Momentum update of every peer's memory slots (no gradient), docs/methods.md#mcl-memory-bank.
 
   ``M_k[n_b] <- normalise(m * M_k[n_b] + (1 - m) * z_k[b])`` for every peer k and sample b, the
   old entry read before any write. Duplicate indices within the batch: the LAST occurrence in
@@ -413,7 +433,9 @@ def _other_peers(num_peers: int) -> np.ndarray:
 
 
 def layer_match_weights(proj_feats) -> Array:
-  """Per-sample layer-matching weights ``sigmoid(cos(p_{i,s}[b], p_{j,t}[b]))``, spec 1.2.
+  """Per-sample layer-matching weights ``sigmoid(cos(p_{i,s}[b], p_{j,t}[b]))``.
+
+  See docs/methods.md#l-mcl-layer-matching.
 
   Args:
     proj_feats: ``[K, S, B, H]`` projected raw stage features ``P_{k,s} f_{k,s}``.
@@ -436,14 +458,17 @@ def _node_pair_weights(w, num_peers: int, num_stages: int) -> Array:
   """
   batch = w.shape[-1]
   w = w.reshape(num_peers, num_peers - 1, num_stages, num_stages, batch)
-  full = jnp.zeros((num_peers, num_peers) + w.shape[2:], w.dtype).at[
-      np.arange(num_peers)[:, None], _other_peers(num_peers)].set(w)  # [K (i), K (j), S, S, B]
+  full = (
+      jnp.zeros((num_peers, num_peers) + w.shape[2:], w.dtype)
+      .at[np.arange(num_peers)[:, None], _other_peers(num_peers)]
+      .set(w)
+  )  # [K (i), K (j), S, S, B]
   nodes = num_peers * num_stages
   return jnp.transpose(full, (0, 2, 1, 3, 4)).reshape(nodes, nodes, batch)
 
 
 def pair_mcl_terms(ea, eb, labels, w, tau, T) -> tuple[Array, Array, Array, Array]:
-  """The four MCL terms of one L-MCL combination (i, s, j, t), spec 3.1.
+  """The four MCL terms of one combination (i, s, j, t), docs/methods.md#l-mcl-layer-wise-terms.
 
   With ``Aa = ea ea^T/tau``, ``Ab = eb eb^T/tau``, ``Xab = ea eb^T/tau``, ``Xba = Xab^T`` and the
   per-anchor weight ``w`` on every row:
@@ -475,7 +500,9 @@ def pair_mcl_terms(ea, eb, labels, w, tau, T) -> tuple[Array, Array, Array, Arra
 
 
 def layer_mcl_loss(emb, labels, w, tau, T) -> tuple[Array, Array, Array, Array]:
-  """L-MCL totals, spec 3.1: :func:`pair_mcl_terms` summed over all K(K-1)S^2 combinations.
+  """L-MCL totals: :func:`pair_mcl_terms` summed over all K(K-1)S^2 combinations.
+
+  See docs/methods.md#l-mcl-layer-wise-terms.
 
   Vectorised over (peer, stage) nodes ``u = k*S + s``: every term is linear in the per-anchor
   weights, so ``sum_{(u,v)} W[u,v] (term(u,v) + term'(v,u))`` collapses to a contraction of
@@ -522,9 +549,10 @@ def _soft_kl_cross_entropy_rows(student_logits, target_logits, temperature, spec
   return neg_entropy, jnp.einsum(spec, pt, log_ps)
 
 
-def memory_layer_mcl_loss(emb, memory, idx, num_pos: int, w, tau, T
-                          ) -> tuple[Array, Array, Array, Array]:
-  """ImageNet L-MCL totals, spec 3.1 with the memory-bank formulas of 2.1.
+def memory_layer_mcl_loss(
+    emb, memory, idx, num_pos: int, w, tau, T
+) -> tuple[Array, Array, Array, Array]:
+  """ImageNet L-MCL totals, docs/methods.md#l-mcl-memory-bank.
 
   Every combination (ea = e_{i,s}, eb = e_{j,t}, i != j) with per-anchor weight w contributes
   ``SupCon_w(V(M_i, ea)) + SupCon_w(V(M_j, eb))`` (VCL), ``KL_w(V(M_i, ea) || sg V(M_j, eb))`` and
@@ -532,9 +560,9 @@ def memory_layer_mcl_loss(emb, memory, idx, num_pos: int, w, tau, T
   ``KL_w(I(M_j, ea) || sg I(M_i, eb))`` and the reverse (SoftICL), where ``I(M_k, z)[b] =
   M_k[idx[b]] . z[b] / tau`` (positives: the first ``1 + num_pos`` columns) and ``V(M_k, z)`` is
   the same without the own slot (positives: the first ``num_pos`` columns). Every stage of peer k
-  queries the memory of peer k (mcl.md §3.1; the official code's "first peer's memory" quirk,
-  §6.3, is not reproduced). Sums over all K(K-1)S^2 combinations, vectorised like
-  :func:`layer_mcl_loss`; the soft terms contract the target's probabilities with the student's
+  queries the memory of peer k (the official code's "first peer's memory" quirk is not
+  reproduced, docs/methods.md#l-mcl-choices). Sums over all K(K-1)S^2 combinations, vectorised
+  like :func:`layer_mcl_loss`; the soft terms contract the target's probabilities with the student's
   log-probabilities by einsum, so no ``[KS, KS, B, J]`` tensor is formed. The memory is
   stop-gradient.
 
@@ -552,11 +580,11 @@ def memory_layer_mcl_loss(emb, memory, idx, num_pos: int, w, tau, T
   num_peers, num_stages, batch, _ = emb.shape
   z = _upcast(emb)
   bank = jax.lax.stop_gradient(_upcast(jnp.take(memory, idx, axis=1)))  # [K, B, J, D]
-  pair_w = _node_pair_weights(_upcast(w), num_peers, num_stages)       # [M, M, B]
+  pair_w = _node_pair_weights(_upcast(w), num_peers, num_stages)  # [M, M, B]
   sym_w = pair_w + jnp.swapaxes(pair_w, 0, 1)
   # sym_w as [i, s, j, t, B]; and summed over the stages of the other node's peer.
   sym_w = sym_w.reshape(num_peers, num_stages, num_peers, num_stages, batch)
-  w_to_peer = jnp.sum(sym_w, axis=3)                                   # [i, s, j, B]
+  w_to_peer = jnp.sum(sym_w, axis=3)  # [i, s, j, B]
   columns = np.arange(idx.shape[-1])
   all_columns = np.ones(idx.shape[-1], dtype=bool)
 
@@ -565,8 +593,7 @@ def memory_layer_mcl_loss(emb, memory, idx, num_pos: int, w, tau, T
   r, valid = _supcon_rows(cross, columns < 1 + num_pos, all_columns)
   icl = jnp.sum(_supcon_reduce(r, valid, w_to_peer))
   # KL(I(M_j, e_{i,s}) || sg I(M_i, e_{j,t})): target [j, t, i, B, J], student [i, s, j, B, J].
-  neg_entropy, cross_ent = _soft_kl_cross_entropy_rows(
-      cross, cross, T, 'jtibn,isjbn->isjtb')
+  neg_entropy, cross_ent = _soft_kl_cross_entropy_rows(cross, cross, T, 'jtibn,isjbn->isjtb')
   rows = jnp.transpose(neg_entropy, (2, 0, 1, 3))[:, None] - cross_ent  # [i, s, j, t, B]
   soft_icl = jnp.sum(_soft_kl_reduce(rows, T, sym_w))
 
@@ -575,6 +602,6 @@ def memory_layer_mcl_loss(emb, memory, idx, num_pos: int, w, tau, T
   r, valid = _supcon_rows(intra, columns[:-1] < num_pos, all_columns[:-1])
   vcl = jnp.sum(_supcon_reduce(r, valid, jnp.sum(w_to_peer, axis=2)))
   neg_entropy, cross_ent = _soft_kl_cross_entropy_rows(intra, intra, T, 'jtbn,isbn->isjtb')
-  rows = neg_entropy[None, None] - cross_ent                            # [i, s, j, t, B]
+  rows = neg_entropy[None, None] - cross_ent  # [i, s, j, t, B]
   soft_vcl = jnp.sum(_soft_kl_reduce(rows, T, sym_w))
   return vcl, soft_vcl, icl, soft_icl

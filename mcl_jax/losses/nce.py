@@ -6,6 +6,7 @@ is scored against ``K + 1`` rows of it, column 0 the positive: ``E = exp(<V[cidx
 probability ``Pn = 1 / N``. Shapes: ``B`` batch, ``K`` negatives, ``F`` embedding width, ``N``
 examples (memory rows).
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -88,8 +89,9 @@ def init_memory(rng, num_examples: int, dim: int, normalise: bool, leading=()) -
   """Memory rows uniform in ``[-s, s]``, ``s = 1 / sqrt(F / 3)``; L2-normalised rows when
   ``normalise`` (CRCD) and raw otherwise (MCL-OKD). Shape ``leading + (N, F)``."""
   bound = 1.0 / np.sqrt(dim / 3.0)  # a Python float: the same bound in every dtype
-  memory = jax.random.uniform(rng, tuple(leading) + (num_examples, dim), minval=-bound,
-                              maxval=bound)
+  memory = jax.random.uniform(
+      rng, tuple(leading) + (num_examples, dim), minval=-bound, maxval=bound
+  )
   if normalise:
     memory = memory / jnp.linalg.norm(memory, axis=-1, keepdims=True)
   return memory

@@ -3,6 +3,7 @@
 ``M`` views (branches of a multi-branch network, or peers), ``B`` batch, ``C`` classes, ``F``
 embedding width, ``N`` training examples, ``K`` negatives.
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np

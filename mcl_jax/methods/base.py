@@ -1,29 +1,160 @@
-"""What a training method is: a small object owning its loss terms, extra parameters and state.
+"""What a training method is: a small object owning its hyper-parameters, loss terms, extra
+parameters and state, and where they live on a device mesh.
 
 The trainer (mcl_jax/train.py) is method-agnostic: it applies the cohort, hands the outputs to
 `Method.loss`, differentiates w.r.t. the peers' and the method's parameters, and logs every term
-as `train/<term>`. A new method slots in by subclassing `Method` and registering it in
-`mcl_jax.methods.get_method`; the loop is not touched.
+as `train/<term>`. A new method is a `Method` subclass registered with
+`mcl_jax.methods.register(name, cls)` (from any module, or a config file); the loop is not touched.
+See README "Extending" for a complete example.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import numbers
+from typing import Any, Callable, ClassVar
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
-
 from mcl_jax import losses
+from mcl_jax.sharding import PEER, PEER_EXAMPLE, REPLICATED, same_placement  # re-exported
+
+
+@dataclasses.dataclass(frozen=True)
+class HParam:
+  """One hyper-parameter of a method: its default, what it means, and what values are allowed.
+
+  `check(value) -> bool` with `rule` (e.g. 'must be > 0') names the constraint in the error;
+  `choices` restricts the value to a set. The value's type must match the default's (an int is
+  accepted for a float).
+  """
+
+  default: Any
+  help: str
+  check: Callable[[Any], bool] | None = None
+  rule: str = ''
+  choices: tuple = ()
+
+  def problem(self, key: str, value) -> str | None:
+    if not _same_type(value, self.default):
+      return (
+          f'method.{key}={value!r}: must be a {type(self.default).__name__} '
+          f'(like the default {self.default!r})'
+      )
+    if self.choices and value not in self.choices:
+      return f'method.{key}={value!r}: must be one of {self.choices}'
+    if self.check is not None and not self.check(value):
+      return f'method.{key}={value!r}: {self.rule}'
+    return None
+
+
+def _same_type(value, default) -> bool:
+  if isinstance(default, bool) or isinstance(value, bool):
+    return isinstance(value, bool) and isinstance(default, bool)
+  if isinstance(default, float):
+    return isinstance(value, numbers.Real)
+  if isinstance(default, int):
+    return isinstance(value, numbers.Integral)
+  return isinstance(value, type(default))
+
+
+def positive(default, help: str) -> HParam:  # pylint: disable=redefined-builtin
+  return HParam(default, help, lambda v: v > 0, 'must be > 0')
+
+
+def non_negative(default, help: str) -> HParam:  # pylint: disable=redefined-builtin
+  return HParam(default, help, lambda v: v >= 0, 'must be >= 0')
+
+
+def at_least_one(default: int, help: str) -> HParam:  # pylint: disable=redefined-builtin
+  return HParam(default, help, lambda v: v >= 1, 'must be >= 1')
+
+
+def fraction(default: float, help: str) -> HParam:  # pylint: disable=redefined-builtin
+  return HParam(default, help, lambda v: 0 <= v <= 1, 'must be in [0, 1]')
+
+
+def flag(default: bool, help: str) -> HParam:  # pylint: disable=redefined-builtin
+  return HParam(default, help)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunInfo:
+  """What a method may know about the run it is part of, handed over explicitly by the loop."""
+
+  num_peers: int  # peers after grouping (a multi-branch model counts once)
+  archs: tuple[str, ...]  # one per peer
+  num_classes: int
+  num_train_examples: int  # after `data.train_examples`
+  steps_per_epoch: int
+  total_steps: int
+  batch_size: int  # global
+  teacher_arch: str = ''  # `teacher.arch` (distillation methods)
 
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-  """Base class. Subclasses override `loss` and, when they have any, `init`."""
-  config: Any  # the `method` ConfigDict
+  """Base class. Subclasses declare `hparams` and override `loss`, and when they have any, `init`,
+  `layout`, `validate`, `load_frozen`, `meta_update`."""
+
+  config: Any  # this method's section of the config: `name` + the keys of `hparams`
+  run: RunInfo | None = None
+
+  # The method's own keys of the `method` config section: {key: HParam}.
+  hparams: ClassVar[dict[str, HParam]] = {}
 
   # Wants the class-balanced batch sampler (MCL on CIFAR: m images per class in every batch).
   class_balanced = False
+
+  @property
+  def samples_per_class(self) -> int:
+    """m of the class-balanced sampler: the method's `samples_per_class` key, else 2."""
+    return self.config.get('samples_per_class', 2)
+
+  # Methods with a meta-optimisation (L-MCL) set this > 0 and implement `meta_update`.
+  meta_every_steps = 0
+
+  @classmethod
+  def default_config(cls, name: str, **overrides) -> ml_collections.ConfigDict:
+    """The `method` section for this method: `name`, then every hyper-parameter at its default,
+    with `overrides` applied (an unknown key raises, naming the known ones)."""
+    unknown = sorted(set(overrides) - set(cls.hparams))
+    if unknown:
+      raise KeyError(
+          f'method {name!r} has no hyper-parameter {unknown}; its keys are {sorted(cls.hparams)}.'
+      )
+    values = {key: hp.default for key, hp in cls.hparams.items()}
+    values.update(overrides)
+    return ml_collections.ConfigDict({'name': name, **values})
+
+  @classmethod
+  def validate(cls, config, run: RunInfo | None) -> list[str]:
+    """Problems with `config` (this method's section) for `run`, one line each; [] when valid.
+    Subclasses extend it with checks across keys or against the run (call super first)."""
+    del run
+    given = set(config.keys()) - {'name'}
+    problems = []
+    foreign = sorted(given - set(cls.hparams))
+    if foreign:
+      problems.append(
+          f'method.name={config.name!r} has no keys {foreign} (its keys: '
+          f'{sorted(cls.hparams)}). The method section was built for another method: select the '
+          f"method with the config file's argument (e.g. `configs/<file>.py:method={config.name}`) "
+          f'or build it with mcl_jax.methods.config({config.name!r}, ...).'
+      )
+    missing = sorted(set(cls.hparams) - given)
+    if missing:
+      problems.append(
+          f'method.name={config.name!r} needs the keys {missing}: build the section with '
+          f'mcl_jax.methods.config({config.name!r}, ...).'
+      )
+    for key in sorted(given & set(cls.hparams)):
+      problem = cls.hparams[key].problem(key, config[key])
+      if problem:
+        problems.append(problem)
+    return problems
 
   def init(self, rng, cohort, train_labels):
     """Returns (params, state): trainable extra parameters (e.g. embedding heads), optimised
@@ -32,8 +163,12 @@ class Method:
     del rng, cohort, train_labels
     return {}, {}
 
-  # Methods with a meta-optimisation (L-MCL) set this > 0 and implement `meta_update`.
-  meta_every_steps = 0
+  def layout(self, params, state):
+    """Where the method's leaves live on the mesh: (tree of PartitionSpecs like `params`, tree
+    like `state`), in the logical axes `PEER` (leading peer axis), `PEER_EXAMPLE` (memory banks
+    `[K, N, ...]`) and `REPLICATED`. An axis is split only where the mesh axis divides it; the
+    default replicates everything (always correct, not always fast)."""
+    return same_placement(params, REPLICATED), same_placement(state, REPLICATED)
 
   def load_frozen(self, config):
     """Frozen variables (e.g. a trained teacher) passed to every step as `ctx.frozen`; never
@@ -78,6 +213,11 @@ class DML(Method):
   All K(K-1) ordered pairs are computed at once; `kd_T` is the temperature.
   """
 
+  hparams = {
+      'kd_T': positive(3.0, 'temperature of the KL terms'),
+      'dml_weight': non_negative(1.0, 'weight of the mutual KL terms'),
+  }
+
   def loss(self, params, state, outputs, batch, ctx):
     logits = outputs['logits']
     num_peers = logits.shape[0]
@@ -87,5 +227,4 @@ class DML(Method):
     k, l = ordered_pairs(num_peers)
     pair_kl = jax.vmap(lambda s, t: losses.soft_kl(s, t, self.config.kd_T))(logits[k], logits[l])
     dml = jnp.sum(pair_kl) / (num_peers - 1)
-    return ce + self.config.get('dml_weight', 1.0) * dml, {'ce': ce, 'dml': dml}, state
-
+    return ce + self.config.dml_weight * dml, {'ce': ce, 'dml': dml}, state

@@ -1,5 +1,5 @@
 """L-MCL: layer-wise mutual contrastive learning with meta-learned layer matching (Yang et al.,
-TPAMI 2023), ../shared/specs/mcl.md §1.2, §3.
+TPAMI 2023), docs/methods.md#l-mcl.
 
 Every peer k gets S stages (S = the backbone's number of stages): S - 1 auxiliary branches, fresh
 copies of the backbone's later stages (`models.get_model(arch, C, first_stage=s)`, s = 1..S-1) on
@@ -15,15 +15,16 @@ Every `meta_every_steps` steps, `meta_update` moves phi (kept in the method stat
 persistent Nesterov-SGD momentum) along the hyper-gradient of the all-stage CE after
 `meta_inner_steps` virtual momentum-SGD steps on the phi-weighted contrastive loss plus one on the
 CE (`mcl_jax.meta`); the real parameters are untouched and the virtual steps have no side effects
-(no BatchNorm statistics are kept, mcl.md §6.5).
+(no BatchNorm statistics are kept, docs/methods.md#l-mcl-meta-step).
 
 Parameters (`params['method']`): 'branches' (per group, per branch, `[K_g, ...]`), 'heads'
 (`[K_g, S, ...]`), 'aggregator' (`[K_g, ...]`). State: 'batch_stats' of the branches, 'phi'
 (`[K_g, S, ...]`) and 'phi_opt' (its optimizer state); with `method.memory_bank` (ImageNet,
-mcl.md §3.1 + §2.1) also the per-peer memories 'memory' `[K, N, D]` (every stage of peer k queries
+docs/methods.md#l-mcl-memory-bank) also the per-peer memories 'memory' `[K, N, D]` (every stage of peer k queries
 M_k; updated with the final-stage embeddings) and the class index that samples their slots.
 Otherwise the contrast is in-batch (CIFAR) with the class-balanced sampler.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,16 +36,19 @@ import jax.numpy as jnp
 
 from mcl_jax import cohort as cohort_lib
 from mcl_jax import heads, losses, meta, models, optim
+from mcl_jax.methods import base
 from mcl_jax.methods.base import Method
-from mcl_jax.methods.mcl import init_peer_memory, sample_contrast_indices
+from mcl_jax.methods.mcl import HPARAMS as MCL_HPARAMS
+from mcl_jax.methods.mcl import init_peer_memory, memory_layout, sample_contrast_indices
 
 META_MOMENTUM = 0.9  # heavy-ball momentum of the virtual steps, Nesterov momentum of phi's SGD
-MATCH_DIM = 128      # width of phi's projections
+MATCH_DIM = 128  # width of phi's projections
 
 
 class StageAggregator(nn.Module):
   """Stage weights of one peer: concat of its S stage features `[B, S*d]` -> Dense(d) -> ReLU ->
   Dense(S) -> softmax over stages `[B, S]`."""
+
   num_stages: int
   hidden: int
 
@@ -57,6 +61,7 @@ class StageAggregator(nn.Module):
 class Stages(NamedTuple):
   """Every peer's stage outputs. features: per group `[K_g, S, B, d_g]`; logits `[K, S, B, C]`
   (stage S-1 is the backbone's own output)."""
+
   features: tuple
   logits: jax.Array
 
@@ -76,6 +81,75 @@ def _apply_peer_stage(module, params, features):
 class LMCL(Method):
   """The `lmcl` method; hyper-parameters from the `method` config section."""
 
+  hparams = {
+      **MCL_HPARAMS,
+      'meta_every_steps': base.HParam(
+          50, 'steps between meta-updates of phi (0: never)', lambda v: v >= 0, 'must be >= 0'
+      ),
+      'meta_inner_steps': base.at_least_one(2, 'virtual contrastive steps before the CE step'),
+      'meta_grad': base.HParam(
+          'exact', 'hyper-gradient: exact or the official recursion', choices=meta.MODES
+      ),
+      # The virtual steps as straight-line code (fast on XLA:CPU) or a rolled lax.scan whose
+      # per-step jax.checkpoint halves the hyper-gradient's memory (BENCHMARKS.md §2).
+      'meta_unroll': base.flag(True, 'unroll the virtual steps (else a rolled, remat scan)'),
+      # How the virtual steps' gradients are differentiated again (mcl_jax.meta.gradient_fn; the
+      # same numbers, reverse-over-forward ~3x faster on XLA:CPU).
+      'meta_second_order': base.HParam(
+          'reverse_over_forward',
+          'second-order rule of the hyper-gradient',
+          choices=meta.SECOND_ORDER,
+      ),
+      'meta_weight_decay': base.non_negative(
+          5e-4, 'weight decay of the virtual steps and of phi (set it to optim.weight_decay)'
+      ),
+      'branch_blocks': base.HParam(
+          0,
+          'blocks per stage of the auxiliary branches (0: as the backbone)',
+          lambda v: v >= 0,
+          'must be >= 0',
+      ),
+  }
+
+  @classmethod
+  def validate(cls, config, run):
+    found = super().validate(config, run)
+    if run is None:
+      return found
+    if run.num_peers < 2:
+      found.append(
+          f'method.name=lmcl needs >= 2 peers, got cohort.num_peers={run.num_peers}: set '
+          'cohort.num_peers=2 (or more).'
+      )
+    specs = {arch: models.spec(arch) for arch in run.archs if arch in models.names()}
+    multi = sorted(a for a, s in specs.items() if s.num_branches > 1)
+    if multi:
+      found.append(
+          f'method.name=lmcl needs single-branch peers; {multi} are MCL-OKD multi-branch '
+          'models: use e.g. model.arch=resnet32.'
+      )
+    no_tails = sorted(a for a, s in specs.items() if s.num_branches == 1 and not s.stage_tails)
+    if no_tails:
+      found.append(
+          f'method.name=lmcl builds auxiliary branches from stage tails, which {no_tails} do not '
+          'offer (register the arch with stage_tails=True).'
+      )
+    if not multi and not no_tails:
+      stages = {models.get_model(a, run.num_classes).num_stages for a in specs}
+      if len(stages) > 1:
+        found.append(
+            f'method.name=lmcl needs peers with the same number of stages; the archs '
+            f'{sorted(specs)} have {sorted(stages)}.'
+        )
+    return found
+
+  def layout(self, params, state):
+    # Every parameter and the branches' statistics, phi and its momentum are stacked per peer.
+    per_peer = {
+        key: base.same_placement(state[key], base.PEER) for key in ('batch_stats', 'phi', 'phi_opt')
+    }
+    return base.same_placement(params, base.PEER), {**memory_layout(state), **per_peer}
+
   @property
   def class_balanced(self):  # in-batch contrast: every anchor needs an in-batch positive
     return not self.config.memory_bank
@@ -90,8 +164,9 @@ class LMCL(Method):
 
   def branch_model(self, group, first_stage: int):
     """Auxiliary branch of a peer group: its stages first_stage.. + pool + own classifier."""
-    model = models.get_model(group.arch, group.model.num_classes, group.model.dtype,
-                             first_stage=first_stage)
+    model = models.get_model(
+        group.arch, group.model.num_classes, group.model.dtype, first_stage=first_stage
+    )
     if self.config.branch_blocks > 0:  # lighter branches (the authors' ImageNet models: 1 block)
       model = model.clone(stage_sizes=(self.config.branch_blocks,) * model.num_stages)
     return model
@@ -100,17 +175,8 @@ class LMCL(Method):
   # Parameters and state.
   # ------------------------------------------------------------------------------------------ #
   def init(self, rng, cohort, train_labels):
-    if cohort.num_peers < 2:
-      raise ValueError(f'method.name=lmcl needs >= 2 peers, got cohort.num_peers={cohort.num_peers}.')
-    multi_branch = [g.arch for g in cohort.groups if getattr(g.model, 'num_branches', 1) > 1]
-    if multi_branch:
-      raise ValueError(f'method.name=lmcl needs single-branch peers; {multi_branch} are MCL-OKD '
-                       'multi-branch models: use e.g. model.arch=resnet32.')
-    num_stages = {g.model.num_stages for g in cohort.groups}
-    if len(num_stages) != 1:
-      raise ValueError(f'method.name=lmcl needs peers with the same number of stages; the archs '
-                       f'{[g.arch for g in cohort.groups]} have {sorted(num_stages)}.')
-    (num_stages,) = num_stages
+    # `validate` has checked the cohort: >= 2 single-branch peers with stage tails, equal stages.
+    (num_stages,) = {g.model.num_stages for g in cohort.groups}
     branches, branch_stats, head_params, aggregators, phi = [], [], [], [], []
     for g, (group, dim) in enumerate(zip(cohort.groups, cohort.feature_dims)):
       keys = jax.random.split(jax.random.fold_in(rng, g), 4)
@@ -120,23 +186,36 @@ class LMCL(Method):
         channels = group.model.stage_widths[first - 1] * group.model.block.expansion
         sample = jnp.zeros((1, 8, 8, channels), jnp.float32)
         variables = jax.vmap(lambda k, m=model, x=sample: m.init(k, x, train=False))(
-            jax.random.split(jax.random.fold_in(keys[0], first), group.num_peers))
+            jax.random.split(jax.random.fold_in(keys[0], first), group.num_peers)
+        )
         group_branches.append(variables['params'])
         group_stats.append(variables.get('batch_stats', {}))
       branches.append(tuple(group_branches))
       branch_stats.append(tuple(group_stats))
       head_params.append(_init_peer_stage(self.head, keys[1], group.num_peers, num_stages, dim))
-      aggregators.append(heads.init_stacked(StageAggregator(num_stages, dim), keys[2],
-                                            group.num_peers, num_stages * dim))
+      aggregators.append(
+          heads.init_stacked(
+              StageAggregator(num_stages, dim), keys[2], group.num_peers, num_stages * dim
+          )
+      )
       phi.append(_init_peer_stage(nn.Dense(MATCH_DIM), keys[3], group.num_peers, num_stages, dim))
-    params = {'branches': tuple(branches), 'heads': tuple(head_params),
-              'aggregator': tuple(aggregators)}
+    params = {
+        'branches': tuple(branches),
+        'heads': tuple(head_params),
+        'aggregator': tuple(aggregators),
+    }
     phi = tuple(phi)
     phi_opt = meta.meta_optimizer(self.config.meta_weight_decay, META_MOMENTUM).init(phi)
     state = {'batch_stats': tuple(branch_stats), 'phi': phi, 'phi_opt': phi_opt}
     if self.config.memory_bank:
-      state.update(init_peer_memory(jax.random.fold_in(rng, len(cohort.groups)),
-                                    cohort.num_peers, train_labels, self.config.embed_dim))
+      state.update(
+          init_peer_memory(
+              jax.random.fold_in(rng, len(cohort.groups)),
+              cohort.num_peers,
+              train_labels,
+              self.config.embed_dim,
+          )
+      )
     return params, state
 
   # ------------------------------------------------------------------------------------------ #
@@ -145,13 +224,21 @@ class LMCL(Method):
   def stages(self, cohort, branch_params, branch_stats, outputs, *, train: bool):
     """Runs the auxiliary branches on the peers' stage maps. Returns (Stages, new branch stats)."""
     features, logits, new_stats = [], [], []
-    for group, params, stats, out in zip(cohort.groups, branch_params, branch_stats,
-                                         outputs['groups']):
+    for group, params, stats, out in zip(
+        cohort.groups, branch_params, branch_stats, outputs['groups']
+    ):
       group_feats, group_logits, group_stats = [], [], []
       for first, (p, s) in enumerate(zip(params, stats), start=1):
         branch_out, s = cohort_lib.apply_group(
-            self.branch_model(group, first), p, s, out['stages'][first - 1], train=train,
-            strategy=cohort.strategy, per_peer_inputs=True, mesh=cohort.mesh)
+            self.branch_model(group, first),
+            p,
+            s,
+            out['stages'][first - 1],
+            train=train,
+            strategy=cohort.strategy,
+            per_peer_inputs=True,
+            mesh=cohort.mesh,
+        )
         group_feats.append(branch_out['feature'])
         group_logits.append(branch_out['logits'])
         group_stats.append(s)
@@ -167,8 +254,9 @@ class LMCL(Method):
 
   def embeddings(self, head_params, stages: Stages):
     """`[K, S, B, D]` L2-normalised embeddings e_{k,s}."""
-    return jnp.concatenate([_apply_peer_stage(self.head, p, f)
-                            for p, f in zip(head_params, stages.features)], axis=0)
+    return jnp.concatenate(
+        [_apply_peer_stage(self.head, p, f) for p, f in zip(head_params, stages.features)], axis=0
+    )
 
   def aggregate(self, aggregator_params, stages: Stages):
     """Stage-aggregated logits a_k `[K, B, C]`."""
@@ -186,11 +274,13 @@ class LMCL(Method):
     c = self.config
     if not c.memory_bank:
       return None
-    return sample_contrast_indices(rng, batch['index'], batch['label'], state, c.num_positives,
-                                   c.num_negatives)
+    return sample_contrast_indices(
+        rng, batch['index'], batch['label'], state, c.num_positives, c.num_negatives
+    )
 
-  def contrastive_terms(self, head_params, stages: Stages, labels, weights, memory=None,
-                        contrast_idx=None):
+  def contrastive_terms(
+      self, head_params, stages: Stages, labels, weights, memory=None, contrast_idx=None
+  ):
     """(L-MCL totals {vcl, soft_vcl, icl, soft_icl} with per-sample layer weights, the `[K, S,
     B, D]` embeddings); in-batch, or against `memory` at `contrast_idx` when given."""
     c = self.config
@@ -198,28 +288,35 @@ class LMCL(Method):
     if memory is None:
       terms = losses.layer_mcl_loss(emb, labels, weights, c.tau, c.kd_T)
     else:
-      terms = losses.memory_layer_mcl_loss(emb, memory, contrast_idx, c.num_positives, weights,
-                                           c.tau, c.kd_T)
+      terms = losses.memory_layer_mcl_loss(
+          emb, memory, contrast_idx, c.num_positives, weights, c.tau, c.kd_T
+      )
     return dict(zip(('vcl', 'soft_vcl', 'icl', 'soft_icl'), terms)), emb
 
   def contrastive_loss(self, terms: dict):
     c = self.config
-    return (c.alpha * terms['vcl'] + c.gamma * terms['soft_vcl'] + c.beta * terms['icl']
-            + c.lam * terms['soft_icl'])
+    return (
+        c.alpha * terms['vcl']
+        + c.gamma * terms['soft_vcl']
+        + c.beta * terms['icl']
+        + c.lam * terms['soft_icl']
+    )
 
   # ------------------------------------------------------------------------------------------ #
-  # The per-step objective (mcl.md §3.1).
+  # The per-step objective (docs/methods.md#l-mcl-per-step-loss).
   # ------------------------------------------------------------------------------------------ #
   def loss(self, params, state, outputs, batch, ctx):
     if ctx.cohort is None:
       raise ValueError('lmcl needs the cohort in its LossContext (ctx.cohort).')
     c, labels = self.config, batch['label']
-    stages, new_stats = self.stages(ctx.cohort, params['branches'], state['batch_stats'],
-                                    outputs, train=True)
+    stages, new_stats = self.stages(
+        ctx.cohort, params['branches'], state['batch_stats'], outputs, train=True
+    )
     weights = jax.lax.stop_gradient(self.match_weights(state['phi'], stages))
     contrast_idx = self.contrast_indices(state, batch, ctx.rng)
-    terms, emb = self.contrastive_terms(params['heads'], stages, labels, weights,
-                                        state.get('memory'), contrast_idx)
+    terms, emb = self.contrastive_terms(
+        params['heads'], stages, labels, weights, state.get('memory'), contrast_idx
+    )
     aggregated = self.aggregate(params['aggregator'], stages)
     final = stages.logits[:, -1]
     terms['ce'] = losses.ce_loss(stages.logits, labels)  # every stage of every peer
@@ -229,13 +326,14 @@ class LMCL(Method):
     terms['kd'] = jnp.sum(kl_grid(final, aggregated, c.kd_T))
     total = terms['ce'] + terms['ce_agg'] + terms['kd'] + self.contrastive_loss(terms)
     new_state = {**state, 'batch_stats': new_stats}
-    if c.memory_bank:  # with the final-stage embeddings only (mcl.md §3.1)
-      new_state['memory'] = losses.memory_update(state['memory'], jax.lax.stop_gradient(emb[:, -1]),
-                                                 batch['index'], c.memory_momentum)
+    if c.memory_bank:  # with the final-stage embeddings only (docs/methods.md#l-mcl-memory-bank)
+      new_state['memory'] = losses.memory_update(
+          state['memory'], jax.lax.stop_gradient(emb[:, -1]), batch['index'], c.memory_momentum
+      )
     return total, terms, new_state
 
   # ------------------------------------------------------------------------------------------ #
-  # Meta-optimisation of phi (mcl.md §3.2).
+  # Meta-optimisation of phi (docs/methods.md#l-mcl-meta-step).
   # ------------------------------------------------------------------------------------------ #
   def meta_objectives(self, state, batch, cohort, rng=None):
     """(theta0, inner_loss(theta, phi), outer_loss(theta)) of `meta.hypergradient`.
@@ -243,23 +341,28 @@ class LMCL(Method):
     theta = peers + branches + heads (not the aggregators, not phi). Both objectives run every
     network in train mode on `batch` (augmented, normalised) and drop the new BN statistics; with
     a memory bank the virtual steps contrast against the current memory (never updated there,
-    mcl.md §6.5) at the slots the step's `rng` draws.
+    docs/methods.md#l-mcl-choices) at the slots the step's `rng` draws.
     """
     method_params, method_state, labels = state.params['method'], state.method_state, batch['label']
-    theta0 = {'peers': state.params['peers'], 'branches': method_params['branches'],
-              'heads': method_params['heads']}
+    theta0 = {
+        'peers': state.params['peers'],
+        'branches': method_params['branches'],
+        'heads': method_params['heads'],
+    }
     contrast_idx = self.contrast_indices(method_state, batch, rng)
 
     def stages_of(theta):
       outputs, _ = cohort.apply(theta['peers'], state.batch_stats, batch['image'], train=True)
-      return self.stages(cohort, theta['branches'], method_state['batch_stats'], outputs,
-                         train=True)[0]
+      return self.stages(
+          cohort, theta['branches'], method_state['batch_stats'], outputs, train=True
+      )[0]
 
     def inner_loss(theta, phi):
       stages = stages_of(theta)
       weights = self.match_weights(phi, stages)  # NOT stop-gradient: the path to phi
-      terms, _ = self.contrastive_terms(theta['heads'], stages, labels, weights,
-                                        method_state.get('memory'), contrast_idx)
+      terms, _ = self.contrastive_terms(
+          theta['heads'], stages, labels, weights, method_state.get('memory'), contrast_idx
+      )
       return self.contrastive_loss(terms)
 
     def outer_loss(theta):
@@ -271,14 +374,30 @@ class LMCL(Method):
     c, method_state = self.config, state.method_state
     theta0, inner_loss, outer_loss = self.meta_objectives(state, batch, cohort, ctx.rng)
     # The virtual steps decay the leaves the real optimizer decays (optim.wd_mask); phi's own SGD
-    # decays all of phi (mcl.md §3.2 step 5).
-    virtual_wd = jax.tree.map(lambda decay: c.meta_weight_decay if decay else 0.0,
-                              optim.weight_decay_mask(theta0, wd_mask))
-    g_phi = meta.hypergradient(method_state['phi'], theta0, inner_loss, outer_loss, lr=lr,
-                               weight_decay=virtual_wd, momentum=META_MOMENTUM,
-                               inner_steps=c.meta_inner_steps, mode=c.meta_grad,
-                               unroll=c.get('meta_unroll', True),
-                               second_order=c.get('meta_second_order', 'reverse_over_forward'))
-    phi, phi_opt = meta.meta_sgd_update(method_state['phi'], g_phi, method_state['phi_opt'], lr,
-                                        weight_decay=c.meta_weight_decay, momentum=META_MOMENTUM)
+    # decays all of phi (docs/methods.md#l-mcl-meta-step, step 5).
+    virtual_wd = jax.tree.map(
+        lambda decay: c.meta_weight_decay if decay else 0.0,
+        optim.weight_decay_mask(theta0, wd_mask),
+    )
+    g_phi = meta.hypergradient(
+        method_state['phi'],
+        theta0,
+        inner_loss,
+        outer_loss,
+        lr=lr,
+        weight_decay=virtual_wd,
+        momentum=META_MOMENTUM,
+        inner_steps=c.meta_inner_steps,
+        mode=c.meta_grad,
+        unroll=c.get('meta_unroll', True),
+        second_order=c.get('meta_second_order', 'reverse_over_forward'),
+    )
+    phi, phi_opt = meta.meta_sgd_update(
+        method_state['phi'],
+        g_phi,
+        method_state['phi_opt'],
+        lr,
+        weight_decay=c.meta_weight_decay,
+        momentum=META_MOMENTUM,
+    )
     return {**method_state, 'phi': phi, 'phi_opt': phi_opt}

@@ -4,10 +4,11 @@ The views are the cohort's peers after flattening branches: with a multi-branch 
 (`resnet32_okd4`: shared stem + stage 0, four branches) one "peer" gives four views, evaluated as
 `eval/peer_<k>` plus their ensemble; with plain archs every peer is a view. Each view m has a linear
 embedding head (Dense -> L2) on its pooled feature and a memory bank `[N, F]` (method state).
-Loss `gamma * sum_m CE_m + alpha * DOT + beta * MCL`: DOT distils the last view (the deployed
+Loss `ce_weight * sum_m CE_m + dot_weight * DOT + contrast_weight * MCL`: DOT distils the last view (the deployed
 branch) from the stop-gradient ensemble; MCL is NCE between every view's query and every other
 view's memory.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,19 +18,43 @@ import jax.numpy as jnp
 
 from mcl_jax import heads, losses
 from mcl_jax.losses.nce import init_memory
+from mcl_jax.methods import base
 from mcl_jax.methods.base import Method
-from mcl_jax.methods.mcl import check_negative_pool, class_index, sample_contrast_indices
+from mcl_jax.methods.mcl import check_negative_pool, class_index, memory_layout, sample_contrast_indices
 
 
 def views_per_peer(group) -> int:
   """Branches of a multi-branch model (its outputs carry a branch axis), else 1."""
-  return getattr(group.model, 'num_branches', 1)
+  return group.num_branches
 
 
 @dataclasses.dataclass(frozen=True)
 class MCLOKD(Method):
-  """The `mcl_okd` method; `method.gamma` (CE), `alpha` (DOT), `beta` (MCL), `tau` (NCE T),
-  `kd_T`, `num_negatives`, `memory_momentum`, `embed_dim`."""
+  """The `mcl_okd` method (hyper-parameters in `hparams`)."""
+
+  hparams = {
+      'ce_weight': base.non_negative(1.0, 'weight of the summed CE of every view'),
+      'dot_weight': base.non_negative(1.0, 'weight of DOT (last view <- ensemble KL)'),
+      'contrast_weight': base.non_negative(0.025, 'weight of the cross-view NCE contrast'),
+      'tau': base.positive(0.1, 'NCE temperature'),
+      'kd_T': base.positive(3.0, 'temperature of DOT'),
+      'num_negatives': base.at_least_one(256, 'NCE negatives per anchor (without replacement)'),
+      'memory_momentum': base.fraction(0.5, 'momentum of the memory update'),
+      'embed_dim': base.at_least_one(128, 'width of the linear embedding heads'),
+  }
+
+  @classmethod
+  def validate(cls, config, run):
+    found = super().validate(config, run)
+    if run is not None and config.get('num_negatives', 0) >= run.num_train_examples:
+      found.append(
+          f'method.num_negatives={config.num_negatives} must be < the {run.num_train_examples} '
+          'training examples.'
+      )
+    return found
+
+  def layout(self, params, state):
+    return base.same_placement(params, base.PEER), memory_layout(state)
 
   @property
   def head(self):
@@ -39,25 +64,38 @@ class MCLOKD(Method):
     check_negative_pool(train_labels, self.config.num_negatives)
     head_rng, memory_rng = jax.random.split(rng)
     view_heads = tuple(
-        heads.init_stacked(self.head, jax.random.fold_in(head_rng, g),
-                           group.num_peers * views_per_peer(group), dim)
-        for g, (group, dim) in enumerate(zip(cohort.groups, cohort.feature_dims)))
+        heads.init_stacked(
+            self.head, jax.random.fold_in(head_rng, g), group.num_peers * views_per_peer(group), dim
+        )
+        for g, (group, dim) in enumerate(zip(cohort.groups, cohort.feature_dims))
+    )
     num_views = sum(g.num_peers * views_per_peer(g) for g in cohort.groups)
-    memory = init_memory(memory_rng, len(train_labels), self.config.embed_dim, normalise=False,
-                         leading=(num_views,))
+    memory = init_memory(
+        memory_rng, len(train_labels), self.config.embed_dim, normalise=False, leading=(num_views,)
+    )
     return {'heads': view_heads}, {'memory': memory, **class_index(train_labels)}
 
   def loss(self, params, state, outputs, batch, ctx):
     c = self.config
     labels, idx = batch['label'], batch['index']
-    emb = jnp.concatenate([
-        heads.apply_stacked(self.head, p, out['feature'].reshape((-1,) + out['feature'].shape[-2:]))
-        for p, out in zip(params['heads'], outputs['groups'])])  # [M, B, F]
-    contrast_idx = sample_contrast_indices(ctx.rng, idx, labels, state, 0, c.num_negatives,
-                                           replace=False)
-    terms = {'ce': losses.ce_loss(outputs['logits'], labels),
-             'dot': losses.dot_loss(outputs['logits'], c.kd_T),
-             'mcl': losses.mcl_okd_contrastive_loss(emb, state['memory'], contrast_idx, c.tau)}
-    total = c.gamma * terms['ce'] + c.alpha * terms['dot'] + c.beta * terms['mcl']
+    emb = jnp.concatenate(
+        [
+            heads.apply_stacked(
+                self.head, p, out['feature'].reshape((-1,) + out['feature'].shape[-2:])
+            )
+            for p, out in zip(params['heads'], outputs['groups'])
+        ]
+    )  # [M, B, F]
+    contrast_idx = sample_contrast_indices(
+        ctx.rng, idx, labels, state, 0, c.num_negatives, replace=False
+    )
+    terms = {
+        'ce': losses.ce_loss(outputs['logits'], labels),
+        'dot': losses.dot_loss(outputs['logits'], c.kd_T),
+        'mcl': losses.mcl_okd_contrastive_loss(emb, state['memory'], contrast_idx, c.tau),
+    }
+    total = (
+        c.ce_weight * terms['ce'] + c.dot_weight * terms['dot'] + c.contrast_weight * terms['mcl']
+    )
     memory = losses.memory_update(state['memory'], emb, idx, c.memory_momentum)
     return total, terms, {**state, 'memory': memory}

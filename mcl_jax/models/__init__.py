@@ -13,38 +13,96 @@ and keeps BatchNorm statistics in the `batch_stats` collection:
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Callable
+
+import flax.linen as nn
 import jax.numpy as jnp
 
+from mcl_jax import registry
 from mcl_jax.models import cifar_resnet, imagenet_resnet, mobilenet, shufflenet, vgg, wrn
 from mcl_jax.models import okd  # multi-branch nets (MCL-OKD); needs cifar_resnet first
 from mcl_jax.models.cifar_resnet import StagedNet
 
-_CONSTRUCTORS = {
-    **cifar_resnet.CONSTRUCTORS,
-    **wrn.CONSTRUCTORS,
-    **shufflenet.CONSTRUCTORS,
-    **vgg.CONSTRUCTORS,
-    **mobilenet.CONSTRUCTORS,
-    **imagenet_resnet.CONSTRUCTORS,
-    **okd.CONSTRUCTORS,
-}
 
-ARCHS = tuple(_CONSTRUCTORS)
+@dataclasses.dataclass(frozen=True)
+class ArchSpec:
+  """A registered architecture and what it offers beyond the basic contract.
 
+  constructor(num_classes=, dtype=) -> nn.Module, whose `__call__(x, *, train)` returns
+  {'logits' [B, C], 'feature' [B, D], 'stages' (tuple of maps; may be empty)}, with attributes
+  `num_classes` and `feature_dim` (= D).
+  num_branches: > 1 for a multi-branch model (MCL-OKD): its 'logits' and 'feature' carry a
+    leading branch axis [M, B, ...] and each branch counts as a peer in evaluation.
+  stage_tails: the constructor also takes `first_stage=s` and then builds only stages s.. + pool +
+    classifier on the output map of stage s - 1 (L-MCL's auxiliary branches); the module is a
+    `StagedNet` (attributes num_stages, stage_widths, block, stage_sizes).
+  """
 
-def get_model(arch: str, num_classes: int, dtype=jnp.float32, *, first_stage: int = 0) -> StagedNet:
-    """Builds the network `arch` (one of `ARCHS`) with a `num_classes`-way classifier.
-
-    Args:
-      arch: architecture name, e.g. 'resnet32', 'wrn_16_2', 'resnet50'.
-      num_classes: classifier width.
-      dtype: compute dtype of convolutions and BatchNorm (params, feature and logits stay float32).
-      first_stage: > 0 builds only stages first_stage.. + pool + classifier, applied to the output map
-        of stage first_stage - 1 (L-MCL auxiliary branches); see `StagedNet`.
-    """
-    if arch not in _CONSTRUCTORS:
-        raise ValueError(f"Unknown arch {arch!r}; allowed: {', '.join(ARCHS)}")
-    return _CONSTRUCTORS[arch](num_classes=num_classes, dtype=dtype, first_stage=first_stage)
+  constructor: Callable[..., nn.Module]
+  num_branches: int = 1
+  stage_tails: bool = False
 
 
-__all__ = ["ARCHS", "StagedNet", "get_model"]
+_REGISTRY: registry.Registry[ArchSpec] = registry.Registry('model', 'model.arch')
+
+
+def register(
+    name: str,
+    constructor: Callable[..., nn.Module],
+    *,
+    num_branches: int = 1,
+    stage_tails: bool = False,
+    replace: bool = False,
+) -> Callable[..., nn.Module]:
+  """Makes `name` usable as `model.arch` / in `model.archs` (see `ArchSpec` for the contract)."""
+  if not callable(constructor):
+    raise TypeError(f'models.register({name!r}, ...): the constructor must be callable.')
+  if num_branches < 1:
+    raise ValueError(f'models.register({name!r}, ...): num_branches must be >= 1.')
+  spec = ArchSpec(constructor, num_branches, stage_tails)
+  _REGISTRY.register(name, spec, replace=replace)
+  return constructor
+
+
+def spec(arch: str) -> ArchSpec:
+  """The registered `ArchSpec` of `arch` (KeyError naming the registered ones)."""
+  return _REGISTRY.get(arch)
+
+
+def names() -> tuple[str, ...]:
+  return _REGISTRY.names()
+
+
+def origin(arch: str) -> registry.Origin:
+  return _REGISTRY.origin(arch)
+
+
+def get_model(arch: str, num_classes: int, dtype=jnp.float32, *, first_stage: int = 0) -> nn.Module:
+  """Builds the network `arch` (a registered name) with a `num_classes`-way classifier.
+
+  Args:
+    arch: architecture name, e.g. 'resnet32', 'wrn_16_2', 'resnet50'.
+    num_classes: classifier width.
+    dtype: compute dtype of convolutions and BatchNorm (params, feature and logits stay float32).
+    first_stage: > 0 builds only stages first_stage.. + pool + classifier, applied to the output map
+      of stage first_stage - 1 (L-MCL auxiliary branches; archs registered with stage_tails).
+  """
+  arch_spec = spec(arch)
+  if first_stage:
+    if not arch_spec.stage_tails:
+      raise ValueError(
+          f'model.arch={arch!r} does not build stage tails (first_stage={first_stage}); it was '
+          'registered without stage_tails=True.'
+      )
+    return arch_spec.constructor(num_classes=num_classes, dtype=dtype, first_stage=first_stage)
+  return arch_spec.constructor(num_classes=num_classes, dtype=dtype)
+
+
+for _module in (cifar_resnet, wrn, shufflenet, vgg, mobilenet, imagenet_resnet):
+  for _name, _constructor in _module.CONSTRUCTORS.items():
+    register(_name, _constructor, stage_tails=True)
+for _name, (_constructor, _branches) in okd.CONSTRUCTORS.items():
+  register(_name, _constructor, num_branches=_branches)
+
+__all__ = ['ArchSpec', 'StagedNet', 'get_model', 'names', 'register', 'spec']

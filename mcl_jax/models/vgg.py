@@ -16,45 +16,45 @@ from mcl_jax.models.cifar_resnet import KAIMING_FAN_OUT, ResidualBlock, StagedNe
 
 
 class VGGConv(ResidualBlock):
-    """One VGG layer (no residual): [2x2 max-pool if strides == 2] -> 3x3 conv + bias -> BN -> ReLU.
+  """One VGG layer (no residual): [2x2 max-pool if strides == 2] -> 3x3 conv + bias -> BN -> ReLU.
 
-    x: [B, H, W, C_in] -> [B, H // strides, W // strides, features] (the pool floors, as torch's).
-    """
+  x: [B, H, W, C_in] -> [B, H // strides, W // strides, features] (the pool floors, as torch's).
+  """
 
-    @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        if self.strides not in (1, 2):
-            raise ValueError(f"VGGConv strides must be 1 or 2, got {self.strides}")
-        if self.strides == 2:
-            x = nn.max_pool(x, (2, 2), strides=(2, 2))
-        # CRD's convs keep torch's bias (zero-initialised) even though BN follows.
-        x = nn.Conv(
-            self.features,
-            (3, 3),
-            padding=((1, 1), (1, 1)),
-            kernel_init=KAIMING_FAN_OUT,
-            dtype=self.dtype,
-            name="conv",
-        )(x)
-        return nn.relu(batch_norm(train, dtype=self.dtype, name="bn")(x))
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    if self.strides not in (1, 2):
+      raise ValueError(f'VGGConv strides must be 1 or 2, got {self.strides}')
+    if self.strides == 2:
+      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    # CRD's convs keep torch's bias (zero-initialised) even though BN follows.
+    x = nn.Conv(
+        self.features,
+        (3, 3),
+        padding=((1, 1), (1, 1)),
+        kernel_init=KAIMING_FAN_OUT,
+        dtype=self.dtype,
+        name='conv',
+    )(x)
+    return nn.relu(batch_norm(train, dtype=self.dtype, name='bn')(x))
 
 
 class VGG(StagedNet):
-    """CIFAR VGG: no stem, five `VGGConv` stages (strides 1, 2, 2, 2, 1).
+  """CIFAR VGG: no stem, five `VGGConv` stages (strides 1, 2, 2, 2, 1).
 
-    Input [B, H, W, C] at any size >= 8 (32x32x3 CIFAR, 28x28x1 Fashion-MNIST); feature dim 512.
-    """
+  Input [B, H, W, C] at any size >= 8 (32x32x3 CIFAR, 28x28x1 Fashion-MNIST); feature dim 512.
+  """
 
-    block: type[ResidualBlock] = VGGConv
-    stage_widths: tuple[int, ...] = (64, 128, 256, 512, 512)
-    stage_strides: tuple[int, ...] = (1, 2, 2, 2, 1)
+  block: type[ResidualBlock] = VGGConv
+  stage_widths: tuple[int, ...] = (64, 128, 256, 512, 512)
+  stage_strides: tuple[int, ...] = (1, 2, 2, 2, 1)
 
-    def stem(self, x: jax.Array, train: bool) -> jax.Array:
-        return x
+  def stem(self, x: jax.Array, train: bool) -> jax.Array:
+    return x
 
 
 CONSTRUCTORS = {
     # CRD's cfg 'S' (one conv per block) and 'B' (two).
-    "vgg8": functools.partial(VGG, stage_sizes=(1, 1, 1, 1, 1)),
-    "vgg13": functools.partial(VGG, stage_sizes=(2, 2, 2, 2, 2)),
+    'vgg8': functools.partial(VGG, stage_sizes=(1, 1, 1, 1, 1)),
+    'vgg13': functools.partial(VGG, stage_sizes=(2, 2, 2, 2, 2)),
 }

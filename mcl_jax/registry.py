@@ -1,0 +1,114 @@
+"""Name -> plug-in tables with one shape, for methods, models and data sets.
+
+    from mcl_jax import methods, models, data
+    methods.register('mcl_l2', MclL2)          # a Method subclass
+    models.register('tiny_cnn', TinyCNN)       # a constructor (num_classes=, dtype=) -> nn.Module
+    data.register('my_digits', my_source)      # a data source
+
+A registration may come from anywhere: the package itself, a user's module, or a config file. Each
+entry remembers the module (and file) that registered it, so that a run can record the user code
+it depends on and `evaluate` / `export` can import it again (`plugin_modules`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import sys
+from typing import Any, Generic, Iterator, TypeVar
+
+T = TypeVar('T')
+
+PACKAGE = 'mcl_jax'
+
+
+@dataclasses.dataclass(frozen=True)
+class Origin:
+  """Where a registered object was defined: its module name and, when it has one, its file."""
+
+  module: str
+  file: str | None
+
+  @property
+  def is_builtin(self) -> bool:
+    return self.module == PACKAGE or self.module.startswith(PACKAGE + '.')
+
+
+def origin_of(obj: Any) -> Origin:
+  module = getattr(obj, '__module__', None) or type(obj).__module__
+  file = getattr(sys.modules.get(module), '__file__', None)
+  if file is None:
+    try:
+      file = inspect.getsourcefile(obj if inspect.isclass(obj) or callable(obj) else type(obj))
+    except TypeError:
+      file = None
+  return Origin(module, file)
+
+
+class UnknownNameError(KeyError):
+  """A name that no plug-in registered; the message lists the registered ones."""
+
+  def __str__(self):  # KeyError quotes its message; this one is a sentence.
+    return str(self.args[0])
+
+
+class Registry(Generic[T]):
+  """A table of named plug-ins of one kind ('method', 'model', 'data set')."""
+
+  def __init__(self, kind: str, config_key: str):
+    self.kind, self.config_key = kind, config_key
+    self._entries: dict[str, T] = {}
+    self._origins: dict[str, Origin] = {}
+
+  def register(self, name: str, obj: T, *, replace: bool = False, origin: Origin | None = None) -> T:
+    """Adds `obj` under `name`. Re-registering a name is an error unless `replace=True` (or the
+    same object again, as when a config file is loaded twice). `origin`: where it was registered,
+    when that is not where `obj`'s class is defined (an instance such as a data source)."""
+    if not isinstance(name, str) or not name:
+      raise ValueError(f'A {self.kind} name must be a non-empty string, got {name!r}.')
+    current = self._entries.get(name)
+    if current is not None and not replace and not _same_definition(current, obj):
+      raise ValueError(
+          f'{self.kind} {name!r} is already registered (by {self._origins[name].module}); '
+          f'pick another name or pass replace=True.'
+      )
+    self._entries[name] = obj
+    self._origins[name] = origin or origin_of(obj)
+    return obj
+
+  def get(self, name: str) -> T:
+    if name not in self._entries:
+      raise UnknownNameError(
+          f'{self.config_key}={name!r} is not a registered {self.kind}; choose one of '
+          f'{self.names()}, or register yours with {self._register_call()} before the run '
+          f'(e.g. in your config file).'
+      )
+    return self._entries[name]
+
+  def origin(self, name: str) -> Origin:
+    self.get(name)
+    return self._origins[name]
+
+  def names(self) -> tuple[str, ...]:
+    return tuple(self._entries)
+
+  def __contains__(self, name) -> bool:
+    return name in self._entries
+
+  def __iter__(self) -> Iterator[str]:
+    return iter(self._entries)
+
+  def _register_call(self) -> str:
+    module = {'method': 'methods', 'model': 'models', 'data set': 'data'}.get(self.kind, '')
+    return f'mcl_jax.{module}.register(name, ...)'
+
+
+def _same_definition(a, b) -> bool:
+  """The same object, or a class/function re-created by loading its file again."""
+  if a is b:
+    return True
+  return (
+      getattr(a, '__qualname__', None) is not None
+      and getattr(a, '__qualname__', None) == getattr(b, '__qualname__', None)
+      and origin_of(a) == origin_of(b)
+  )
