@@ -5,7 +5,7 @@ r"""Times the full jitted cohort train step (augment, K forwards, method loss, b
 
 Prints one JSON line with "step_ms_median", "step_ms_min", "compile_s" and the setup. The batch is
 a fixed random CIFAR-shaped batch (32x32x3, 100 classes) so no input pipeline is timed, matching
-../shared/bench/torch_mcl_step.py.
+the PyTorch step that benchmarks/cpu_suite.sh compares with.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from mcl_jax import cohort as cohort_lib, config_lib, methods, optim, step as st
 def build_step(arch, peers, method, strategy, batch, fast_path=True, num_classes=100):
   config = config_lib.base_config()
   config.model.arch, config.cohort.num_peers, config.cohort.strategy = arch, peers, strategy
-  config.method.name = method
+  config.method = methods.config(method)
   config.optim.lr = 0.05
   cohort = cohort_lib.build_cohort(config.model, config.cohort, num_classes)
-  meth = methods.get_method(config.method)
+  meth = methods.build(config.method)
   tx, schedule = optim.make_optimizer(config.optim, total_steps=10_000, steps_per_epoch=390)
   aug = config_lib.ml_collections.ConfigDict(
       dict(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), crop_padding=4, flip=True)

@@ -35,9 +35,8 @@ def main():
   fast = not args.no_fast_path
   options = step_lib.compiler_options(enabled=fast)
   cohort, state, _, data = build_step('resnet8', 2, 'lmcl', 'auto', args.batch, fast_path=fast)
-  method_config = config_lib.base_config().method
-  method_config.name = 'lmcl'
-  method = methods.get_method(method_config)
+  method_config = methods.config('lmcl')
+  method = methods.build(method_config)
   aug = config_lib.ml_collections.ConfigDict(
       dict(mean=(0.5,) * 3, std=(0.25,) * 3, crop_padding=4, flip=True)
   )

@@ -1,4 +1,4 @@
-r"""Cost of L-MCL's meta step (mcl_jax.meta, mcl.md §3.2) against an ordinary step.
+r"""Cost of L-MCL's meta step (mcl_jax.meta, docs/methods.md#l-mcl-meta-step) against an ordinary step.
 
     python benchmarks/meta_step.py --arch resnet8 --peers 2 --batch 64 --steps 3
 
@@ -52,9 +52,8 @@ def main(argv=None):
   )
   compile_s, times, state = time_step(lmcl_step, state, data, args.steps, warmup=1)
   lmcl_ms = statistics.median(times)
-  method_config = config_lib.base_config().method
-  method_config.name = 'lmcl'
-  method = methods.get_method(method_config)
+  method_config = methods.config('lmcl')
+  method = methods.build(method_config)
   default_order = method_config.meta_second_order
   aug = config_lib.ml_collections.ConfigDict(
       dict(mean=(0.5,) * 3, std=(0.25,) * 3, crop_padding=4, flip=True)
@@ -68,7 +67,7 @@ def main(argv=None):
     order_config = config_lib.ml_collections.ConfigDict(method_config)
     order_config.meta_second_order = order
     meta_step = jax.jit(
-        step_lib.make_meta_step(cohort, methods.get_method(order_config), schedule, aug, seed=0),
+        step_lib.make_meta_step(cohort, methods.build(order_config), schedule, aug, seed=0),
         compiler_options=options,
     )
     meta_ms_by_order[order] = time_calls(lambda: meta_step(state, data, None), args.steps)

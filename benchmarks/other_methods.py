@@ -32,7 +32,11 @@ METHODS = [
         {'num_negatives': 500},
     ),
     ('mcl_okd (resnet8_okd2: shared stem, 2 branches, K = 256)', 'method=mcl_okd', {}),
-    ('okd branches alone (alpha = beta = 0)', 'method=mcl_okd', {'alpha': 0.0, 'beta': 0.0}),
+    (
+        'okd branches alone (dot_weight = contrast_weight = 0)',
+        'method=mcl_okd',
+        {'dot_weight': 0.0, 'contrast_weight': 0.0},
+    ),
 ]
 
 

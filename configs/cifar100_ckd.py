@@ -1,5 +1,6 @@
-r"""CIFAR-100 CKD (Zhu et al., arXiv 2404.14109), the official configs (specs/other-methods.md §2.3):
-`CE + w_cl * ckd_loss(tau)`, 480 epochs, SGD momentum 0.9, wd 5e-4, cosine per epoch to 0.
+r"""CIFAR-100 CKD (Zhu et al., arXiv 2404.14109), the official configs
+(docs/methods.md#ckd): `CE + w_cl * ckd_loss(tau)`, 480 epochs, SGD momentum 0.9, wd 5e-4,
+cosine per epoch to 0.
 
     python -m mcl_jax.main --config configs/cifar100_teacher.py:arch=resnet32x4 --workdir W_T ...
     python -m mcl_jax.main --config configs/cifar100_ckd.py:pair=res32x4_res8x4,teacher=W_T \

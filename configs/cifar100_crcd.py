@@ -1,5 +1,5 @@
 r"""CIFAR-100 CRCD (Zhu et al., CVPR 2021), CRD's pair protocol as in the author's re-implementation
-(specs/other-methods.md §3.4): `CE + w(t) [0.9 KD_4 + 1.0 (L_rel^feat + L_rel^grad)]`, K = 500,
+(docs/methods.md#crcd): `CE + w(t) [0.9 KD_4 + 1.0 (L_rel^feat + L_rel^grad)]`, K = 500,
 T = 0.05, momentum 0.5, F = 128; 250 epochs, batch 64, SGD lr 0.05 (0.01 for MobileNetV2 /
 ShuffleNetV2 students), x0.1 at epochs 150/180/210, wd 5e-4; the last 10 epochs CE only.
 

@@ -1,4 +1,4 @@
-r"""CIFAR-100 L-MCL (Yang et al., TPAMI 2023), ../shared/specs/mcl.md §1.2, §3, §4 and §5.3.
+r"""CIFAR-100 L-MCL (Yang et al., TPAMI 2023), docs/methods.md#l-mcl and docs/methods.md#recipes.
 
 One table row per command (data prepared once with
 `tfds build cifar100 --data_dir=$TFDS_DATA_DIR --file_format=array_record`):
@@ -11,7 +11,8 @@ One table row per command (data prepared once with
         --workdir workdirs/c100_r32_r110_lmcl --config.data.data_dir=$TFDS_DATA_DIR
 
 Arguments: arch, arch2 (second peer of a heterogeneous pair; empty = homogeneous), meta_grad
-(exact | official: the authors' hyper-gradient recursion, mcl.md §6.6), seed, smoke.
+(exact | official: the authors' hyper-gradient recursion,
+docs/methods.md#l-mcl-hyper-gradient-exact-vs-official), seed, smoke.
 K = 2 peers, S = 3 stages, tau 0.1, T 3, alpha = beta = 0.1, gamma = lam = 1, meta every 50
 steps with 2 inner steps; SGD-Nesterov 0.1, wd 5e-4, batch 128 (64 classes x 2), 300 epochs,
 per-epoch cosine.
@@ -53,7 +54,7 @@ def get_config(arg=None):
   c.method = methods.config(
       'lmcl', tau=0.1, meta_every_steps=50, meta_inner_steps=2, meta_grad=args['meta_grad']
   )
-  # The authors' code steps the cosine once per epoch (mcl.md §6.7).
+  # The authors' code steps the cosine once per epoch (docs/methods.md#learning-rate-schedule).
   config_lib.set_sgd(
       c, batch_size=128, epochs=300, lr=0.1, weight_decay=5e-4, nesterov=True, schedule='cosine'
   )

@@ -1,4 +1,4 @@
-r"""CIFAR-100 MCL (Yang et al., AAAI 2022), ../shared/specs/mcl.md §4 and §5.1.
+r"""CIFAR-100 MCL (Yang et al., AAAI 2022), docs/methods.md#mcl and docs/methods.md#recipes.
 
 One table row per command (data prepared once with
 `tfds build cifar100 --data_dir=$TFDS_DATA_DIR --file_format=array_record`):
@@ -50,7 +50,7 @@ def get_config(arg=None):
     c.method = methods.config('mcl', tau=0.1, logit_kd=args['logit_kd'])
   else:
     c.method = methods.config(args['method'])
-  # The authors' code steps the cosine once per epoch (mcl.md §6.7).
+  # The authors' code steps the cosine once per epoch (docs/methods.md#learning-rate-schedule).
   config_lib.set_sgd(
       c, batch_size=128, epochs=300, lr=0.1, weight_decay=5e-4, nesterov=True, schedule='cosine'
   )

@@ -1,7 +1,7 @@
-r"""CIFAR-100 MCL-OKD (Yang, Xu, An, ICASSP 2021), the official code's protocol (specs §1.3): a
-multi-branch ResNet (shared stem + stage 0, M = 4 branches), CE + DOT + 0.025 MCL, NCE K = 256,
-T = 0.1, momentum 0.5, F = 128, KD T = 3; 300 epochs, batch 64, SGD Nesterov 0.9, wd 5e-4,
-lr 0.025 (1 + cos(pi e / E)) per epoch.
+r"""CIFAR-100 MCL-OKD (Yang, Xu, An, ICASSP 2021), the official code's protocol
+(docs/methods.md#mcl-okd, docs/methods.md#recipes): a multi-branch ResNet (shared stem + stage 0,
+M = 4 branches), CE + DOT + 0.025 MCL, NCE K = 256, T = 0.1, momentum 0.5, F = 128, KD T = 3;
+300 epochs, batch 64, SGD Nesterov 0.9, wd 5e-4, lr 0.025 (1 + cos(pi e / E)) per epoch.
 
     python -m mcl_jax.main --config configs/cifar100_mcl_okd.py:arch=resnet32 \
         --workdir workdirs/c100_mcl_okd_r32 --config.data.data_dir=$TFDS_DATA_DIR

@@ -6,8 +6,9 @@ protocol: 240 epochs, batch 64, SGD 0.05 momentum 0.9, wd 5e-4, x0.1 at epochs 1
 
 Arguments: arch (resnet32x4 | resnet56 | resnet110 | vgg13 | wrn_40_2 | ...), seed, smoke. The
 workdir is then the `teacher=` argument of configs/cifar100_ckd.py and configs/cifar100_crcd.py.
-(Our resnet110 is the bottleneck variant of the MCL spec, not CRD's basic-block one.)
-Expected top-1: not given by our specs; report the measured number with the student runs.
+(Our resnet110 is the bottleneck variant of the MCL code, not CRD's basic-block one.)
+Expected top-1: no reference number is available to us; report the measured number with the
+student runs.
 """
 
 from mcl_jax import config_lib

@@ -71,7 +71,7 @@ def get_config(arg=None):
     c.method = methods.config(method, ce_weight=0.1, kd_weight=0.9, kd_T=4.0)
   elif method == 'ckd':  # the res56 -> res20 row of the CKD configs
     c.method = methods.config(method, ce_weight=1.0, ckd_weight=10.0, tau=1.0)
-  elif method == 'crcd':  # CRCD's CIFAR protocol (specs/other-methods.md §3.4) but K = 64:
+  elif method == 'crcd':  # CRCD's CIFAR protocol (docs/methods.md#crcd) but K = 64:
     # the relations cost O(B^2 (K+1) F) per side and element; at batch 128 with the protocol's
     # K = 500 the step costs 10.1x the student alone on CPU, with K = 64 2.7x (BENCHMARKS.md §3).
     c.method = methods.config(
@@ -87,7 +87,7 @@ def get_config(arg=None):
         embed_dim=128,
         distill_fraction=24 / 25,
     )
-  elif method == 'mcl_okd':  # MCL-OKD's CIFAR defaults (§1.3)
+  elif method == 'mcl_okd':  # MCL-OKD's CIFAR defaults (docs/methods.md#mcl-okd)
     c.model.arch = f"{args['arch']}_okd{args['branches']}"
     c.method = methods.config(
         method,

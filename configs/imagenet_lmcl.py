@@ -1,4 +1,4 @@
-r"""ImageNet L-MCL (Yang et al., TPAMI 2023), ../shared/specs/mcl.md §3, §4 and §5.4.
+r"""ImageNet L-MCL (Yang et al., TPAMI 2023), docs/methods.md#l-mcl and docs/methods.md#recipes.
 
     python -m mcl_jax.main --config configs/imagenet_lmcl.py:arch=resnet34 \
         --workdir gs://BUCKET/lmcl_r34 --config.data.data_dir=$TFDS_DATA_DIR
@@ -9,10 +9,11 @@ Data: `tfds build imagenet2012 --data_dir=$TFDS_DATA_DIR --file_format=array_rec
 arch, arch2 (heterogeneous pair), meta_grad, seed, smoke. S = 4 stages (branches on the outputs of
 stages 1-3, one block per branch stage as the authors' ImageNet models), alpha = beta = 0.01,
 gamma = lam = 1, tau 0.07, T 3, meta every 500 steps, SGD-Nesterov 0.1, wd 1e-4, batch 256,
-100 epochs, x0.1 at 30, 60, 90. Contrast against per-peer memory banks as the paper (mcl.md §3.1
-with §2.1): P = 1 same-class slot, Q = 8192 negatives drawn with replacement, momentum 0.5; every
-stage of peer k queries M_k, which is updated with the final-stage embeddings. Memory: 2 x 1.28M x
-128 fp32 = 1.3 GB, split P('peer', 'data') over the mesh.
+100 epochs, x0.1 at 30, 60, 90. Contrast against per-peer memory banks as the paper
+(docs/methods.md#l-mcl-memory-bank): P = 1 same-class slot, Q = 8192 negatives drawn with
+replacement, momentum 0.5; every stage of peer k queries M_k, which is updated with the
+final-stage embeddings. Memory: 2 x 1.28M x 128 fp32 = 1.3 GB, split P('peer', 'data') over the
+mesh.
 
 Expected top-1 (the paper's README, memory-bank variant): ResNet-34 73.68 -> 75.12;
 ResNet-50 76.28 -> 78.35; ResNet-18 & ResNet-50 69.95 & 76.28 -> 71.69 & 77.34 (the ShuffleNetV2

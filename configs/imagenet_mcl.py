@@ -1,4 +1,5 @@
-r"""ImageNet MCL with per-peer memory banks (Yang et al., AAAI 2022), mcl.md §2.1, §4, §5.2.
+r"""ImageNet MCL with per-peer memory banks (Yang et al., AAAI 2022),
+docs/methods.md#mcl-memory-bank and docs/methods.md#recipes.
 
     python -m mcl_jax.main --config configs/imagenet_mcl.py:arch=resnet18,peers=2 \
         --workdir gs://BUCKET/mcl_r18x2 --config.data.data_dir=$TFDS_DATA_DIR

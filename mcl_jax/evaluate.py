@@ -12,33 +12,41 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 import ml_collections
 
-from mcl_jax import checkpoint as ckpt_lib, train
+from mcl_jax import checkpoint as ckpt_lib, cli, plugins, train, workdir as workdir_lib
 
 SPLITS = ('test', 'train')
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a run was trained with (`<workdir>/config.json`, written by `train.run`)."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    raise FileNotFoundError(
-        f'{path} does not exist: --workdir must be a directory written by '
-        f'`python -m mcl_jax.main`.'
-    )
+  workdir_lib.require(workdir, workdir_lib.CONFIG_NAME)  # WorkdirError naming what is missing
+  path = os.path.join(workdir, workdir_lib.CONFIG_NAME)
+  plugins.load(workdir)  # the user methods / models / data sets the run was trained with
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(train.upgrade_saved_config(json.load(f)))
 
 
 def restore(workdir: str, step: int | None = None):
   """(experiment, state) of the run in `workdir` at `step` (None: the newest valid checkpoint).
 
-  Raises CheckpointError when there is no such checkpoint or it cannot be restored.
+  Raises CheckpointError when there is no such checkpoint or it cannot be restored, WorkdirError
+  when `workdir` is not a run; reads only (creates nothing in the workdir).
   """
   config = load_config(workdir)
+  saved = workdir_lib.saved_steps(workdir)
+  if not saved:
+    raise ckpt_lib.CheckpointError(
+        f'{workdir} holds no checkpoint yet; train first (or longer) with '
+        f'`python -m mcl_jax.main --workdir {workdir} ...`.'
+    )
+  if step is not None and step not in saved:
+    raise ckpt_lib.CheckpointError(
+        f'No checkpoint of step {step} in {os.path.join(workdir, "checkpoints")}; saved steps: '
+        f'{saved}.'
+    )
   exp = train.Experiment(config)
   ckpt = ckpt_lib.Checkpointer(workdir, train.run_identity(config), async_save=False)
   try:
@@ -69,11 +77,10 @@ def main(argv=None) -> None:
   parser.add_argument('--step', type=int, default=None, help='checkpoint step (default: newest)')
   parser.add_argument('--split', default='test', choices=SPLITS)
   args = parser.parse_args(argv)
-  try:
+  with cli.user_errors(
+      'mcl_jax.evaluate', ckpt_lib.CheckpointError, workdir_lib.WorkdirError, OSError, ValueError
+  ):
     print(json.dumps(evaluate(args.workdir, args.step, args.split)), flush=True)
-  except (ckpt_lib.CheckpointError, OSError, ValueError) as e:
-    print(f'mcl_jax.evaluate: error: {e}', file=sys.stderr)
-    sys.exit(2)
 
 
 if __name__ == '__main__':

@@ -7,13 +7,13 @@
 
 A registration may come from anywhere: the package itself, a user's module, or a config file. Each
 entry remembers the module (and file) that registered it, so that a run can record the user code
-it depends on and `evaluate` / `export` can import it again (`plugin_modules`).
+it depends on and `evaluate` / `export` can import it again (mcl_jax.plugins).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
+import os
 import sys
 from typing import Any, Generic, Iterator, TypeVar
 
@@ -34,15 +34,27 @@ class Origin:
     return self.module == PACKAGE or self.module.startswith(PACKAGE + '.')
 
 
-def origin_of(obj: Any) -> Origin:
-  module = getattr(obj, '__module__', None) or type(obj).__module__
-  file = getattr(sys.modules.get(module), '__file__', None)
-  if file is None:
-    try:
-      file = inspect.getsourcefile(obj if inspect.isclass(obj) or callable(obj) else type(obj))
-    except TypeError:
-      file = None
-  return Origin(module, file)
+def caller_origin() -> Origin:
+  """The module that called a public `register` (mcl_jax.methods/models/data.register): a user's
+  module or config file, or the package itself for the built-ins."""
+  frame = sys._getframe(1)  # pylint: disable=protected-access
+  while frame is not None and frame.f_code.co_name == 'register' and _in_package(frame):
+    frame = frame.f_back
+  if frame is None or _in_package(frame):
+    return Origin(PACKAGE, None)
+  return Origin(frame.f_globals.get('__name__', '__main__'), frame.f_code.co_filename)
+
+
+def _same_place(a: Origin, b: Origin) -> bool:
+  """The same module, or the same file loaded again under another module name (a config file)."""
+  if a.file and b.file:
+    return os.path.realpath(a.file) == os.path.realpath(b.file)
+  return a.module == b.module
+
+
+def _in_package(frame) -> bool:
+  module = frame.f_globals.get('__name__', '')
+  return module == PACKAGE or module.startswith(PACKAGE + '.')
 
 
 class UnknownNameError(KeyError):
@@ -60,20 +72,22 @@ class Registry(Generic[T]):
     self._entries: dict[str, T] = {}
     self._origins: dict[str, Origin] = {}
 
-  def register(self, name: str, obj: T, *, replace: bool = False, origin: Origin | None = None) -> T:
-    """Adds `obj` under `name`. Re-registering a name is an error unless `replace=True` (or the
-    same object again, as when a config file is loaded twice). `origin`: where it was registered,
-    when that is not where `obj`'s class is defined (an instance such as a data source)."""
+  def register(
+      self, name: str, obj: T, *, replace: bool = False, origin: Origin | None = None
+  ) -> T:
+    """Adds `obj` under `name`. Re-registering a name is an error unless `replace=True` or it
+    comes from the same module and file again (a config file or plug-in loaded twice).
+    `origin`: who registers it (default: the first caller outside mcl_jax)."""
     if not isinstance(name, str) or not name:
       raise ValueError(f'A {self.kind} name must be a non-empty string, got {name!r}.')
-    current = self._entries.get(name)
-    if current is not None and not replace and not _same_definition(current, obj):
+    origin = origin or caller_origin()
+    if name in self._entries and not replace and not _same_place(self._origins[name], origin):
       raise ValueError(
           f'{self.kind} {name!r} is already registered (by {self._origins[name].module}); '
           f'pick another name or pass replace=True.'
       )
     self._entries[name] = obj
-    self._origins[name] = origin or origin_of(obj)
+    self._origins[name] = origin
     return obj
 
   def get(self, name: str) -> T:
@@ -101,14 +115,3 @@ class Registry(Generic[T]):
   def _register_call(self) -> str:
     module = {'method': 'methods', 'model': 'models', 'data set': 'data'}.get(self.kind, '')
     return f'mcl_jax.{module}.register(name, ...)'
-
-
-def _same_definition(a, b) -> bool:
-  """The same object, or a class/function re-created by loading its file again."""
-  if a is b:
-    return True
-  return (
-      getattr(a, '__qualname__', None) is not None
-      and getattr(a, '__qualname__', None) == getattr(b, '__qualname__', None)
-      and origin_of(a) == origin_of(b)
-  )

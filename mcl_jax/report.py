@@ -14,6 +14,7 @@ import json
 import os
 import statistics
 
+from mcl_jax import methods
 from mcl_jax.metrics import read_metrics
 
 
@@ -40,11 +41,11 @@ def run_summary(workdir: str) -> dict:
 def describe(config: dict) -> str:
   archs = config['model']['archs'] or [config['model']['arch']] * config['cohort']['num_peers']
   cohort = f'{archs[0]}×{len(archs)}' if len(set(archs)) == 1 else ' + '.join(archs)
-  m = config['method']
+  m = methods.upgrade(config['method'])
   method = m['name']
   if method == 'mcl' and m.get('logit_kd'):
     method += '+kd'
-  if method == 'mcl_okd' and m.get('alpha') == 0 and m.get('beta') == 0:
+  if method == 'mcl_okd' and m['dot_weight'] == 0 and m['contrast_weight'] == 0:
     method += ' (CE only: branches alone)'
   if method in ('kd', 'ckd', 'crcd'):  # teacher -> student
     method += f" from {config['teacher']['arch']}"

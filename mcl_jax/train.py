@@ -24,7 +24,8 @@ import numpy as np
 
 from mcl_jax import checkpoint as ckpt_lib
 from mcl_jax import cohort as cohort_lib
-from mcl_jax import config_lib, data, methods, optim, sharding, step as step_lib
+from mcl_jax import config_lib, data, methods, optim, plugins, sharding, step as step_lib
+from mcl_jax import workdir as workdir_lib
 from mcl_jax.metrics import MetricWriter, Progress
 
 
@@ -57,6 +58,16 @@ def schedule_lengths(config, num_train_examples: int) -> tuple[int, int]:
       else optim.epochs_to_steps(config.total_epochs, steps_per_epoch)
   )
   return steps_per_epoch, total
+
+
+def upgrade_saved_config(saved: dict) -> dict:
+  """A config.json written by an earlier version, in today's keys: the flat `method` section of
+  every method becomes the selected method's own keys (`methods.upgrade`); keys the data source
+  now owns (`data.crop_padding`, `data.flip`) are dropped."""
+  saved = dict(saved)
+  saved['method'] = methods.upgrade(saved['method'])
+  saved['data'] = {k: v for k, v in saved['data'].items() if k not in ('crop_padding', 'flip')}
+  return saved
 
 
 def run_info(config, num_train_examples: int, num_classes: int) -> methods.RunInfo:
@@ -289,7 +300,8 @@ def _check_finite(
   raise NonFiniteLossError(
       f'Non-finite {what} at step {first_step + bad + 1}: {json.dumps(terms)}. Training stopped; '
       f'the last checkpoint (before this step) is intact. Lower optim.lr, check the data, or '
-      f'resume with the same command after changing the config.'
+      f'resume with the same command after changing the config (add --allow_config_change: the '
+      f'change is recorded in the workdir).'
   )
 
 
@@ -297,7 +309,11 @@ def _check_finite(
 # The loop.
 # --------------------------------------------------------------------------------------------- #
 class _StopRequest:
-  """Set by SIGTERM/SIGINT: the loop finishes the current step, checkpoints and exits."""
+  """Set by SIGTERM/SIGINT: the loop stops at the next step boundary, checkpoints and exits.
+
+  With asynchronous dispatch the host runs ahead of the device: the step the device is running
+  when the signal comes and the one already dispatched behind it both complete (and are in the
+  checkpoint); no further step is dispatched."""
 
   def __init__(self):
     self.signal = None
@@ -307,6 +323,12 @@ class _StopRequest:
     if self.signal is not None:  # second signal: the user really wants out
       raise KeyboardInterrupt
     self.signal = signal.Signals(signum).name
+    os.write(  # not print: this runs inside a signal handler
+        2,
+        f'\nmcl_jax: {self.signal} received; stopping at the next step boundary (the steps '
+        f'already dispatched complete), then saving a checkpoint. Press Ctrl-C again to abort '
+        f'at once.\n'.encode(),
+    )
 
   @contextlib.contextmanager
   def installed(self):
@@ -324,21 +346,46 @@ class _StopRequest:
         signal.signal(s, handler)
 
 
-def run(config, workdir: str, *, stop_after_steps: int | None = None) -> dict:
+def run(
+    config,
+    workdir: str,
+    *,
+    stop_after_steps: int | None = None,
+    allow_config_change: bool = False,
+) -> dict:
   """Trains (or resumes) the run in `workdir`; returns the last eval metrics.
 
-  SIGTERM/SIGINT (preemption, Ctrl-C) end the run cleanly after the current step with a
+  Everything that can be checked (the config, the data, the workdir, another trainer holding it,
+  a config that differs from the run's config.json) is checked before anything in `workdir` is
+  created or changed; the run holds `<workdir>/trainer.lock` until it returns (mcl_jax.workdir).
+  Resuming with a config that differs from config.json beyond `workdir.FREE_KEYS` raises
+  ConfigError unless `allow_config_change`; an accepted change is recorded in
+  `<workdir>/config_changes.jsonl`.
+
+  SIGTERM/SIGINT (preemption, Ctrl-C) end the run cleanly at the next step boundary with a
   checkpoint; re-running the same command resumes exactly. `stop_after_steps` does the same after
   that many steps of this invocation (tests, time-boxed jobs).
   """
-  with _StopRequest().installed() as stop:
-    return _run(config, workdir, stop, stop_after_steps)
+  with _StopRequest().installed() as stop, contextlib.ExitStack() as cleanup:
+    return _run(config, workdir, stop, stop_after_steps, allow_config_change, cleanup)
 
 
-def _run(config, workdir, stop, stop_after_steps):
-  validate(config)
-  _check_workdir_writable(workdir)
-  exp = Experiment(config, workdir=workdir)
+def _run(config, workdir, stop, stop_after_steps, allow_config_change, cleanup):
+  # ---- Checks: nothing in the workdir is created or changed until all of them pass -------- #
+  t_start = time.time()
+  try:
+    validate(config)
+    _check_workdir_writable(workdir)
+    if jax.process_count() == 1:  # a second trainer is refused at once (multi-host: see hold)
+      workdir_lib.TrainerLock(workdir).check_free()
+    exp = Experiment(config, workdir=workdir)
+  except ValueError as e:  # a check of a module that raises plain ValueError: still the config's
+    if isinstance(e, config_lib.ConfigError):
+      raise
+    raise config_lib.ConfigError(f'Invalid config: {e}') from e
+  cleanup.callback(workdir_lib.hold(workdir).release)  # creates the workdir; refuses a 2nd trainer
+  _probe_writes(workdir)
+  changes = _config_changes(config, workdir, allow_config_change)
   is_main = jax.process_index() == 0
 
   # ---- State: resume or init --------------------------------------------------------------- #
@@ -349,21 +396,39 @@ def _run(config, workdir, stop, stop_after_steps):
   else:
     state, meta = restored
     best = meta.get('best_peer_top1', -1.0)
-  if is_main:  # only now: a config refused by the checkpoints must not replace the run's config
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json(indent=2))
   start_step = int(jax.device_get(state.step))
-  if start_step:
-    logging.info('Resumed from step %d in %s', start_step, workdir)
-
   total, spe = exp.total_steps, exp.steps_per_epoch
+  # Only now: a config refused by the checkpoints must not replace the run's config; a finished
+  # run that is not continued keeps its record as it is.
+  if is_main and (changes is None or (changes and start_step < total)):
+    workdir_lib.record_config(
+        workdir, config, changes, step=start_step, allowed=allow_config_change
+    )
+    plugins.record(config, workdir)  # user modules that `evaluate` / `export` must import again
+    if changes:
+      print(
+          f'mcl_jax: config changed from step {start_step} (recorded in '
+          f'{os.path.join(workdir, workdir_lib.CHANGES_NAME)}):\n'
+          + workdir_lib.describe_changes(changes),
+          flush=True,
+      )
+  if start_step >= total:  # a finished run: no writer, no new event file, nothing changed
+    ckpt.close()
+    print(f'mcl_jax: nothing to do: the run in {workdir} already finished ({total} steps).')
+    if changes:
+      print('mcl_jax: config.json left as it was (nothing trained with the changed config).')
+    if is_main:
+      print(_summary(workdir, time.time() - t_start), flush=True)
+    return _last_logged_eval(workdir)
+  if start_step:
+    print(f'mcl_jax: resumed from step {start_step} (of {total}) in {workdir}', flush=True)
   eval_every = config.eval_every_steps if config.eval_every_steps > 0 else spe
   writer = MetricWriter(workdir, resume_step=start_step, enabled=is_main)
   progress = Progress(total, config.batch_size, start_step)
   print(
       f'mcl_jax: {exp.cohort.num_peers} peers {run_identity(config)["archs"]}, method '
       f'{config.method.name}, strategy {exp.cohort.strategy}, {total} steps '
-      f'({spe}/epoch), batch {config.batch_size}, devices {exp.mesh.shape}',
+      f'({spe}/epoch), batch {config.batch_size}, {_describe_mesh(exp.mesh)}',
       flush=True,
   )
 
@@ -424,11 +489,91 @@ def _run(config, workdir, stop, stop_after_steps):
 
   ckpt.close()
   writer.close()
-  if is_main and start_step < total and done == total:
+  if is_main and done == total:
     _plot_curves(workdir)
-  if start_step >= total:
-    print(f'Nothing to do: the run in {workdir} already finished ({total} steps).')
+  if is_main:
+    print(_summary(workdir, time.time() - t_start), flush=True)
   return last_eval
+
+
+def _config_changes(config, workdir: str, allow_config_change: bool) -> dict | None:
+  """{key: (old, new)} between the workdir's config.json and `config` (None: no config.json yet);
+  raises ConfigDriftError for a change of a run that has checkpoints, beyond FREE_KEYS, unless
+  allowed. A change of the run's identity (cohort, method, data) is left to the checkpoints'
+  own refusal, which names both sides."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+
+  saved = workdir_lib.saved_config(workdir)
+  if saved is None:
+    return None
+  try:  # an earlier version's config.json, in today's keys
+    saved = upgrade_saved_config(saved)
+  except (KeyError, TypeError, AttributeError, ValueError):
+    pass
+  changes = workdir_lib.config_changes(saved, config)
+  if changes and workdir_lib.saved_steps(workdir):
+    try:
+      same_run = run_identity(ml_collections.ConfigDict(saved)) == run_identity(config)
+    except (AttributeError, KeyError, TypeError):
+      same_run = True
+    if same_run:
+      workdir_lib.check_drift(workdir, changes, allow_config_change=allow_config_change)
+  return changes
+
+
+def _last_logged_eval(workdir: str) -> dict:
+  """The eval metrics of the last evaluation in metrics.jsonl ({} if none can be read)."""
+  from mcl_jax.metrics import read_metrics  # pylint: disable=g-import-not-at-top
+
+  try:
+    evals = [r for r in read_metrics(workdir) if 'eval/best_peer/top1' in r]
+  except (OSError, ValueError):
+    return {}
+  return {k: v for k, v in evals[-1].items() if k.startswith('eval/')} if evals else {}
+
+
+def _describe_mesh(mesh) -> str:
+  """'mesh data=1 x peer=1 (1 cpu device)'."""
+  axes = ' x '.join(f'{name}={size}' for name, size in mesh.shape.items())
+  n, platform = mesh.devices.size, mesh.devices.flat[0].platform
+  hosts = f', {jax.process_count()} processes' if jax.process_count() > 1 else ''
+  return f'mesh {axes} ({n} {platform} device{"s" * (n != 1)}{hosts})'
+
+
+def _summary(workdir: str, seconds: float) -> str:
+  """The end of a run in a few lines: best and final accuracies, and where everything is."""
+  from mcl_jax.metrics import read_metrics  # pylint: disable=g-import-not-at-top
+
+  try:
+    evals = [r for r in read_metrics(workdir) if 'eval/best_peer/top1' in r]
+  except (OSError, ValueError):
+    evals = []
+  lines = [f'mcl_jax: summary of {workdir} ({seconds / 60:.1f} min in this invocation)']
+  if evals:
+    best = max(evals, key=lambda r: r['eval/best_peer/top1'])
+    peers = sorted(
+        (k for k in best if k.startswith('eval/peer_') and k.endswith('/top1')),
+        key=lambda k: int(k.split('/')[1][len('peer_') :]),
+    )
+    best_k = max(peers, key=lambda k: best[k]).split('/')[1]
+    last = evals[-1]
+    lines += [
+        f'  best peer:  {best["eval/best_peer/top1"]:.2%} top-1 ({best_k}, step {best["step"]}); '
+        f'ensemble then {best["eval/ensemble/top1"]:.2%}',
+        f'  final (step {last["step"]}): '
+        + ', '.join(f'{k.split("/")[1]} {last[k]:.2%}' for k in peers)
+        + f'; ensemble {last["eval/ensemble/top1"]:.2%}',
+    ]
+  else:
+    lines.append('  no evaluation yet')
+  lines.append(f'  checkpoints: {os.path.join(workdir, "checkpoints")} (latest, best)')
+  lines.append(
+      f'  metrics:     {os.path.join(workdir, "metrics.jsonl")} (tensorboard --logdir {workdir})'
+  )
+  curves = os.path.join(workdir, 'curves.png')
+  if os.path.exists(curves):
+    lines.append(f'  curves:      {curves}')
+  return '\n'.join(lines)
 
 
 def _plot_curves(workdir: str) -> None:
@@ -442,7 +587,29 @@ def _plot_curves(workdir: str) -> None:
 
 
 def _check_workdir_writable(workdir: str) -> None:
-  """Fails before any compilation if the workdir cannot hold metrics and checkpoints."""
+  """Fails before any compilation if the workdir cannot hold metrics and checkpoints; creates
+  nothing (the workdir is created when the run takes its lock)."""
+  path = os.path.abspath(workdir)
+  existing = path
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  problem = None
+  if not os.path.isdir(existing):
+    problem = f'{existing} is not a directory'
+  elif not os.access(existing, os.W_OK | os.X_OK):
+    problem = f'no permission to write in {existing}'
+  if problem:
+    raise OSError(f'Cannot write to --workdir {workdir!r} ({problem}). Pick a writable directory.')
+  free = _free_bytes(existing)
+  if free is not None and free < 100 * 2**20:
+    raise OSError(
+        f'--workdir {workdir!r} has only {free / 2**20:.0f} MiB free; checkpoints need '
+        f'more. Free some space or pick another directory.'
+    )
+
+
+def _probe_writes(workdir: str) -> None:
+  """Every process can write into the (locked) workdir: a multi-host run needs a shared one."""
   try:
     os.makedirs(workdir, exist_ok=True)
     # Per-process name: the processes of a multi-host run share the workdir and probe at once.
@@ -452,12 +619,6 @@ def _check_workdir_writable(workdir: str) -> None:
     os.remove(probe)
   except OSError as e:
     raise OSError(f'Cannot write to --workdir {workdir!r} ({e}). Pick a writable directory.') from e
-  free = _free_bytes(workdir)
-  if free is not None and free < 100 * 2**20:
-    raise OSError(
-        f'--workdir {workdir!r} has only {free / 2**20:.0f} MiB free; checkpoints need '
-        f'more. Free some space or pick another directory.'
-    )
 
 
 def _free_bytes(path: str) -> int | None:

@@ -194,7 +194,7 @@ class TrainerLock:
         'pid': os.getpid(),
         'started': time.strftime('%Y-%m-%d %H:%M:%S %Z'),
         'started_unix': time.time(),
-        'command': ' '.join([os.path.basename(sys.executable)] + sys.argv)[:500],
+        'command': _command_line(),
         'token': token,
     }
     text = json.dumps(content, indent=1) + '\n'
@@ -268,6 +268,13 @@ class TrainerLock:
         f'--workdir {self.workdir} is in use by {who}. Two trainers on one workdir would '
         f'corrupt its checkpoints and metrics. {clear} Or use another --workdir.'
     )
+
+
+def _command_line() -> str:
+  main = sys.modules.get('__main__')
+  spec = getattr(main, '__spec__', None)
+  program = f'-m {spec.name}' if spec is not None and spec.name else (sys.argv[0] or '-c ...')
+  return ' '.join(['python', program] + sys.argv[1:])[:500]
 
 
 def _describe(holder: dict) -> str:

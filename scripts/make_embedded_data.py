@@ -19,8 +19,9 @@ Usage::
   python scripts/make_embedded_data.py [--source DIR] [--out DIR] [--check]
 
 ``--source`` defaults to /usr/share/datasets/fashion-mnist (Debian ``dataset-fashion-mnist``)
-when present, else ``../shared/data/fashion-mnist`` next to the repository. ``--check``
-compares with the shipped file instead of writing.
+when present (else the team's copy of those files beside the repository, see ``default_source``);
+pass the folder that holds the four original ``*-ubyte.gz`` files and ``COPYRIGHT`` otherwise.
+``--check`` compares with the shipped file instead of writing. See docs/data.md.
 """
 
 from __future__ import annotations

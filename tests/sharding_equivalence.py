@@ -37,6 +37,12 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import tiny_config  # pylint: disable=g-import-not-at-top
 from mcl_jax import checkpoint as ckpt_lib, sharding, step as step_lib, train  # pylint: disable=g-import-not-at-top
+from mcl_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+
+# The embedded data without its zero-padded random crop, whose constant strips would be ties
+# again (with_noise); the flip stays.
+NO_CROP = 'fashion_mnist_nocrop'
+data_lib.register(NO_CROP, dataclasses.replace(data_lib.get('fashion_mnist'), crop_padding=0))
 
 # DATAxPEER:K:strategy. K = 2 on a 4-wide peer axis is rejected by config validation (tested).
 CASES = '8x1:2:unroll,4x2:2:unroll,8x1:4:vmap,4x2:4:vmap,2x4:4:vmap,4x2:4:unroll:jit'
@@ -74,7 +80,7 @@ def mcl_config(num_peers: int, strategy: str, data: int, peer: int, peer_shard_m
           'data.eval_examples': 32,
           'data.eval_batch_size': 16,
           'optim.lr': 0.01,
-          'data.crop_padding': 0,  # zero-padded crops are constant strips: ties again (with_noise)
+          'data.name': NO_CROP,
           'model.dtype': 'float64' if X64 else 'float32',
       }
   )

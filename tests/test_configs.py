@@ -35,3 +35,30 @@ def test_imagenet_lmcl_uses_the_memory_bank():
   config = load(os.path.join(REPO, 'configs', 'imagenet_lmcl.py')).get_config()
   assert config.method.name == 'lmcl' and config.method.memory_bank
   assert (config.method.num_positives, config.method.num_negatives) == (1, 8192)
+
+
+# The on-device augmentation each shipped recipe trains with (owned by its data source).
+AUGMENTATION = {
+    'fashion_mnist': (2, True),  # pad-2 crop + flip, as the Fashion-MNIST recipes always used
+    'cifar100': (4, True),  # pad-4 crop + flip
+    'imagenet2012': (0, False),  # RandomResizedCrop + flip on the host (grain), nothing on device
+}
+
+
+@pytest.mark.parametrize('path', CONFIGS, ids=os.path.basename)
+@pytest.mark.parametrize('arg', [None, 'smoke'])
+def test_config_trains_with_its_sources_augmentation(path, arg):
+  config = load(path).get_config(arg)
+  assert 'crop_padding' not in config.data and 'flip' not in config.data  # the source owns them
+  aug = data.augment_spec(config)
+  assert (aug.crop_padding, aug.flip) == AUGMENTATION[config.data.name]
+  assert (aug.mean, aug.std) == data.normalization(config.data.name)
+
+
+@pytest.mark.parametrize('name', ['imagenet_mcl.py', 'imagenet_lmcl.py'])
+def test_imagenet_configs_have_no_device_crop_or_flip(name):
+  """ImageNet images are cropped and flipped once, on the host; the device only normalises."""
+  config = load(os.path.join(REPO, 'configs', name)).get_config()
+  aug = data.augment_spec(config)
+  assert config.data.name == 'imagenet2012' and data.get(config.data.name).streamed
+  assert (aug.crop_padding, aug.flip) == (0, False)

@@ -61,7 +61,9 @@ def test_fashion_mnist_constants_are_the_train_statistics():
   mean, std = SCRIPT.channel_stats(data.load('fashion_mnist', 'train').images)
   np.testing.assert_allclose(mean, data.FASHION_MNIST_MEAN, atol=5e-5)
   np.testing.assert_allclose(std, data.FASHION_MNIST_STD, atol=5e-5)
-  np.testing.assert_allclose(data.channel_stats(data.load('fashion_mnist', 'train').images), (mean, std))
+  np.testing.assert_allclose(
+      data.channel_stats(data.load('fashion_mnist', 'train').images), (mean, std)
+  )
 
 
 @needs_fmnist_source

@@ -72,8 +72,15 @@ def test_the_imagenet_source_streams_with_its_image_size_and_transforms():
   for train in (True, False):
     ours = next(
         small.batches(
-            'train', None, 8, 3, shard_index=0, shard_count=1, train=train,
-            records=_FAKE_IMAGENET, num_threads=2,
+            'train',
+            None,
+            8,
+            3,
+            shard_index=0,
+            shard_count=1,
+            train=train,
+            records=_FAKE_IMAGENET,
+            num_threads=2,
         )
     )
     direct = next(_stream(train=train))

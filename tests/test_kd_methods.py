@@ -99,7 +99,7 @@ def test_student_methods_train(teacher_dir, tmp_path, method, terms):
     assert np.isfinite(last[f'train/{term}']), (term, last)
   if method != 'crcd':
     return
-  assert last['train/loss'] == pytest.approx(config.method.gamma * last['train/ce'], rel=1e-6)
+  assert last['train/loss'] == pytest.approx(config.method.ce_weight * last['train/ce'], rel=1e-6)
   state = ocp.StandardCheckpointer().restore(
       os.path.join(tmp_path, 'checkpoints', 'latest', '2', 'state')
   )
@@ -118,7 +118,7 @@ def test_mcl_okd_branches_are_evaluated_as_peers(tmp_path):
           'total_steps': 2,
           'data.eval_examples': 32,
           'method.num_negatives': 16,
-          'method.beta': 0.025,
+          'method.contrast_weight': 0.025,
       }
   )
   last = _run(config, tmp_path)[-1]

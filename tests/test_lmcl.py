@@ -347,7 +347,8 @@ def test_method_terms_match_references_on_heterogeneous_cohort():
       lambda x: np.asarray(x, np.float64), reference_stages(params, state, outputs)
   )
   K, S = 2, 3
-  # Layer-matching weights in the spec's order (i, j != i, s, t), NumPy.
+  # Layer-matching weights in the documented order (i, j != i, s, t), NumPy
+  # (docs/methods.md#l-mcl-layer-matching).
   proj = [
       [np_dense(jax.tree.map(lambda x: x[0, s], state['phi'][k]), feats[k][s]) for s in range(S)]
       for k in range(K)
@@ -414,7 +415,7 @@ def test_method_terms_match_references_on_heterogeneous_cohort():
       ce + ce_agg + kd + c.alpha * pair[0] + c.gamma * pair[1] + c.beta * pair[2] + c.lam * pair[3],
       rtol=2e-4,
   )
-  # The method's weights are the spec's, and its branch BN statistics were updated.
+  # The method's weights are the documented ones, and its branch BN statistics were updated.
   np.testing.assert_allclose(method_weights, w, rtol=1e-5)
   assert not np.allclose(
       jax.tree.leaves(new_state['batch_stats'])[0], jax.tree.leaves(state['batch_stats'])[0]

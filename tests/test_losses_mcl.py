@@ -1,9 +1,9 @@
-"""Tests for mcl_jax.losses.mcl against an independent NumPy float64 reference (specs/mcl.md).
+"""Tests for mcl_jax.losses.mcl against an independent NumPy float64 reference (docs/methods.md).
 
-The reference below is written straight from the spec formulas with explicit Python loops over
+The reference below is written straight from the documented formulas with explicit Python loops over
 anchors, peers and pairs; it never calls the library. Soft terms take separate "student" and
 "target" embeddings so that finite differences of the reference w.r.t. the student side give the
-gradient the stop-gradient placement of the spec demands.
+gradient the documented stop-gradient placement demands.
 
 Float64 runs use ``jax.enable_x64(True)`` (the JAX 0.10 spelling of the old
 ``jax.experimental.enable_x64`` context manager).
@@ -760,7 +760,7 @@ def test_layer_mcl_single_stage_relates_to_mcl(num_peers):
 
 
 # ------------------------------------------------------------------------------------------------
-# L-MCL with memory banks (ImageNet, spec 3.1 + 2.1).
+# L-MCL with memory banks (ImageNet, docs/methods.md#l-mcl-memory-bank).
 # ------------------------------------------------------------------------------------------------
 
 

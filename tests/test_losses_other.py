@@ -1,5 +1,5 @@
 """MCL-OKD, CKD and CRCD losses against independent float64 NumPy implementations, their gradients
-against central finite differences, and the NCE memory update (specs/other-methods.md §0-§3)."""
+against central finite differences, and the NCE memory update (docs/methods.md, NCE to CRCD)."""
 
 import jax
 import jax.numpy as jnp

@@ -32,7 +32,7 @@ REFERENCE_MILLIONS = {
     'resnet20': 0.28,
     'resnet32': 0.47,
     'resnet56': 0.86,
-    'resnet110': 1.17,  # bottleneck variant, as in the MCL-OKD README table (other-methods.md)
+    'resnet110': 1.17,  # bottleneck variant, as in the MCL-OKD README table (docs/methods.md)
     'resnet8x4': 1.23,
     'resnet32x4': 7.43,
     'wrn_16_2': 0.70,
@@ -104,7 +104,8 @@ def test_param_count_matches_reference(arch):
 @pytest.mark.parametrize(
     'arch, exact',
     [
-        # Both equal the PyTorch reference (/work/shared/bench/torch_mcl_step.py) backbone + classifier.
+        # Both equal the backbone + classifier of the authors'-style PyTorch step that
+        # benchmarks/cpu_suite.sh times.
         ('resnet32', _cifar_resnet32_params(100)),
         ('wrn_16_2', _wrn_16_2_params(100)),
         (

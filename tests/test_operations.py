@@ -252,7 +252,7 @@ def test_checkpoint_of_another_cohort_is_refused_and_config_kept(runs, tmp_path)
 @pytest.mark.parametrize(
     'key,value,message',
     [
-        ('data.crop_padding', -1, 'data.crop_padding=-1: must be >= 0'),
+        ('data.crop_padding', 0, 'data.crop_padding=0: is no longer a config key: the data source'),
         ('data.eval_batch_size', 0, 'data.eval_batch_size=0: must be >= 1'),
         ('method.alpha', -0.1, 'method.alpha=-0.1: must be >= 0'),
         ('method.dml_weight', -1.0, 'method.dml_weight=-1.0: must be >= 0'),
@@ -260,20 +260,25 @@ def test_checkpoint_of_another_cohort_is_refused_and_config_kept(runs, tmp_path)
         ('method.num_negatives', 0, 'method.num_negatives=0: must be >= 1'),
         ('model.dtype', 'float16', "model.dtype='float16': must be 'float32' or 'bfloat16'"),
         ('seed', -1, 'seed=-1: must be >= 0'),
+        ('method.tau', 'hot', "method.tau='hot': must be a float"),
+        ('method.alhpa', 0.1, "method.name='mcl' has no keys ['alhpa']"),
         ('optim.milestones', (60, 30), 'optim.milestones=(60, 30): must be increasing epochs > 0'),
         ('optim.decay_factor', 0.0, 'optim.decay_factor=0.0: must be > 0'),
     ],
 )
 def test_each_bad_config_value_is_named(make_config, key, value, message):
+  overrides = {key: value}
+  if key.startswith('method.') and key != 'method.dml_weight':  # MCL's own keys
+    overrides['method.name'] = 'mcl'
   with pytest.raises(config_lib.ConfigError) as e:
-    train.validate(make_config(**{key: value}))
+    train.validate(make_config(**overrides))
   assert message in str(e.value)
 
 
 def test_every_bad_value_is_listed_at_once(make_config):
   with pytest.raises(config_lib.ConfigError) as e:
-    train.validate(make_config(**{'data.crop_padding': -2, 'optim.lr': 0.0}))
-  assert 'data.crop_padding=-2' in str(e.value) and 'optim.lr=0.0' in str(e.value)
+    train.validate(make_config(**{'data.eval_batch_size': 0, 'optim.lr': 0.0}))
+  assert 'data.eval_batch_size=0' in str(e.value) and 'optim.lr=0.0' in str(e.value)
 
 
 def _inside_a_file(tmp_path):

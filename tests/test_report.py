@@ -61,7 +61,7 @@ def test_group_names_separate_variants():
   assert report.describe(c.to_dict()) == 'fashion_mnist · kd from resnet20 · resnet8×1'
   c.method.name, c.model.arch = 'mcl_okd', 'resnet8_okd2'
   okd = report.describe(c.to_dict())
-  c.method.alpha = c.method.beta = 0.0
+  c.method.dot_weight = c.method.contrast_weight = 0.0
   assert report.describe(c.to_dict()) == okd.replace('mcl_okd', 'mcl_okd (CE only: branches alone)')
 
 

@@ -291,7 +291,7 @@ def test_slurm_dry_run():
           os.path.join(LAUNCH, 'gpu_multihost_slurm.sh'),
           '--dry-run',
           'configs/imagenet_mcl.py:peers=4',
-          '/shared/r18x4',
+          '/nfs/r18x4',
           '--config.batch_size=1024',
       ],
       capture_output=True,
@@ -307,7 +307,7 @@ def test_slurm_dry_run():
       'JAX_COORDINATOR_ADDRESS=',
       'MCL_JAX_DISTRIBUTED=1',
       '-m mcl_jax.main',
-      '--workdir /shared/r18x4',
+      '--workdir /nfs/r18x4',
       '--config.batch_size=1024',
   ):
     assert part in command, part

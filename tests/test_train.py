@@ -1,5 +1,6 @@
 """The training loop end to end: loss goes down, resume == uninterrupted, clear errors."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -67,10 +68,14 @@ def test_resume_equals_uninterrupted(tmp_path, make_config):
 
 
 def test_train_step_lowers_loss_on_a_fixed_batch(make_config):
+  from mcl_jax import data
+
+  # The same batch at every step: no random crop or flip (a variant of the embedded source).
+  plain = dataclasses.replace(data.get('fashion_mnist'), crop_padding=0, flip=False)
+  data.register('fashion_mnist_plain', plain)
   config = make_config(
       **{
-          'data.crop_padding': 0,
-          'data.flip': False,
+          'data.name': 'fashion_mnist_plain',
           'optim.lr': 0.05,
           'optim.schedule': 'constant',
           'method.name': 'independent',
@@ -149,31 +154,22 @@ def test_streamed_dataset_trains_and_resumes_exactly(tmp_path, make_config, monk
   """The imagenet2012 path (grain stream + memory-bank MCL with lazily read labels) on a small
   fake tfds source: trains, and a resumed run equals an uninterrupted one."""
   from mcl_jax import data
+  from fake_tfds import patch_prepared_tfds
 
   rng = np.random.default_rng(0)
   records = [
       {'image': rng.integers(0, 256, (20, 18, 3), dtype=np.uint8), 'label': i % 10}
       for i in range(40)
   ]
-  spec = data._SOURCES['imagenet2012']
-  monkeypatch.setitem(
-      data._SOURCES,
-      'imagenet2012',
-      spec.__class__(
-          data.DatasetInfo((16, 16, 3), 10, len(records)),
-          len(records),
-          spec.mean,
-          spec.std,
-          spec.tfds_splits,
-      ),
+  patch_prepared_tfds(monkeypatch, records)  # every tfds split reads `records`
+  small = dataclasses.replace(
+      data.get('imagenet2012'), image_shape=(16, 16, 3), num_classes=10, num_train=40, num_test=40
   )
-  monkeypatch.setattr(data, 'check_available', lambda name, data_dir=None: None)
-  monkeypatch.setattr(data, '_tfds_data_source', lambda *a, **k: records)
+  data.register('imagenet2012_16px', small)  # ImageNet's streamed source and transforms, smaller
   config = make_config(
       **{
-          'data.name': 'imagenet2012',
-          'data.crop_padding': 0,
-          'data.flip': False,
+          'data.name': 'imagenet2012_16px',
+          'data.data_dir': str(tmp_path / 'tfds'),
           'data.eval_batch_size': 16,
           'batch_size': 8,
           'total_steps': 4,

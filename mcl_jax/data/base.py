@@ -87,7 +87,9 @@ class InMemoryDataset:
 
   def __post_init__(self):
     if self.images.dtype != np.uint8 or self.images.ndim != 4:
-      raise ValueError(f'images must be uint8 [N,H,W,C], got {self.images.dtype} {self.images.shape}')
+      raise ValueError(
+          f'images must be uint8 [N,H,W,C], got {self.images.dtype} {self.images.shape}'
+      )
     if self.labels.dtype != np.int32 or self.labels.shape != self.images.shape[:1]:
       raise ValueError(
           f'labels must be int32 [{len(self.images)}], got {self.labels.dtype} '

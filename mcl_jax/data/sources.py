@@ -109,7 +109,9 @@ def check_available(name: str, data_dir: str | None = None) -> None:
   get(name).check_available(data_dir)
 
 
-def train_labels(name: str, data_dir: str | None = None, cache_dir: str | None = None) -> np.ndarray:
+def train_labels(
+    name: str, data_dir: str | None = None, cache_dir: str | None = None
+) -> np.ndarray:
   """int32 ``[N]`` labels of the training split (memory banks sample positives by class)."""
   return get(name).train_labels(data_dir, cache_dir)
 

@@ -1,5 +1,5 @@
 """CKD: contrastive knowledge distillation from a sample-wise perspective (Zhu et al., arXiv
-2404.14109; ``specs/other-methods.md`` §2). ``B`` batch, ``C`` classes."""
+2404.14109; ``docs/methods.md#ckd``). ``B`` batch, ``C`` classes."""
 
 import jax
 import jax.numpy as jnp

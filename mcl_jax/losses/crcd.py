@@ -1,5 +1,5 @@
 """CRCD: complementary relation contrastive distillation (Zhu et al., CVPR 2021;
-``specs/other-methods.md`` §3).
+``docs/methods.md#crcd``).
 
 Relations are anchor-based: the relation of an embedding ``e`` to an anchor ``a`` (a memory row of
 one of the batch's examples) is ``nrm(e - a + 1e-6)``. The student relation ``e_s - A_t`` is

@@ -1,4 +1,4 @@
-"""CRD-style NCE over a memory bank (``specs/other-methods.md`` §0), shared by MCL-OKD and CRCD.
+"""CRD-style NCE over a memory bank, shared by MCL-OKD and CRCD (``docs/methods.md``).
 
 A memory bank ``V [N, F]`` holds one (detached) embedding per training example. A query ``q [B, F]``
 is scored against ``K + 1`` rows of it, column 0 the positive: ``E = exp(<V[cidx], q> / T)``,

@@ -1,4 +1,4 @@
-"""MCL-OKD losses (Yang, Xu, An, ICASSP 2021; ``specs/other-methods.md`` §1).
+"""MCL-OKD losses (Yang, Xu, An, ICASSP 2021; ``docs/methods.md#mcl-okd``).
 
 ``M`` views (branches of a multi-branch network, or peers), ``B`` batch, ``C`` classes, ``F``
 embedding width, ``N`` training examples, ``K`` negatives.

@@ -58,6 +58,21 @@ def config(name: str, **overrides) -> ml_collections.ConfigDict:
   return get(name).default_config(name, **overrides)
 
 
+def upgrade(section: dict) -> dict:
+  """A `method` section as this version writes it. Configs saved before each method owned its
+  keys held one flat set of keys for every method (`alpha` ... meant other things for the
+  distillation methods): they become the method's own keys, renamed per `Method.legacy_names`."""
+  if section.get('name') not in _REGISTRY:
+    return dict(section)
+  cls = get(section['name'])
+  if set(section) - {'name'} <= set(cls.hparams):
+    return dict(section)
+  out = {'name': section['name']}
+  for key, hparam in cls.hparams.items():
+    out[key] = section.get(key, section.get(cls.legacy_names.get(key, key), hparam.default))
+  return out
+
+
 def problems(section, run: RunInfo | None) -> list[str]:
   """Everything wrong with the `method` section for `run`, one line each ([] when valid)."""
   try:
@@ -88,7 +103,15 @@ for _name, _cls in (
   register(_name, _cls)
 
 __all__ = [
+    'CKD',
+    'CRCD',
+    'DML',
     'HParam',
+    'Independent',
+    'KD',
+    'LMCL',
+    'MCL',
+    'MCLOKD',
     'Method',
     'PEER',
     'PEER_EXAMPLE',

@@ -104,6 +104,8 @@ class Method:
 
   # The method's own keys of the `method` config section: {key: HParam}.
   hparams: ClassVar[dict[str, HParam]] = {}
+  # {key: its name in configs saved before each method owned its keys} (see methods.upgrade).
+  legacy_names: ClassVar[dict[str, str]] = {}
 
   # Wants the class-balanced batch sampler (MCL on CIFAR: m images per class in every batch).
   class_balanced = False

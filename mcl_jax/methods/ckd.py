@@ -1,5 +1,5 @@
 """CKD (Zhu et al., arXiv 2404.14109): `ce_weight * CE + ckd_weight * sum_k ckd_loss(z_k, z_t, tau)`, the
-sample-wise logit InfoNCE of every student peer against a frozen teacher (specs §2)."""
+sample-wise logit InfoNCE of every student peer against a frozen teacher (docs/methods.md#ckd)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from mcl_jax.methods.teacher import Distillation
 class CKD(Distillation):
   """The `ckd` method (hyper-parameters in `hparams`; defaults: the res56 -> res20 row)."""
 
+  legacy_names = {'ce_weight': 'gamma', 'ckd_weight': 'beta'}
   hparams = {
       'ce_weight': base.non_negative(1.0, "weight of the students' CE (w_ce)"),
       'ckd_weight': base.non_negative(10.0, 'weight of the logit InfoNCE (w_cl)'),

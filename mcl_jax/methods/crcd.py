@@ -1,4 +1,5 @@
-"""CRCD (Zhu et al., CVPR 2021): complementary relation contrastive distillation (specs §3).
+"""CRCD (Zhu et al., CVPR 2021): complementary relation contrastive distillation
+(docs/methods.md#crcd).
 
 Two distilled elements per student peer, each with its own student/teacher linear embedding heads
 (trainable, method params) and student/teacher memory banks (method state):
@@ -44,6 +45,12 @@ def student_gradient_elements(outputs, peer_params, labels):
 class CRCD(Distillation):
   """The `crcd` method (hyper-parameters in `hparams`; defaults: CRCD's CIFAR protocol)."""
 
+  legacy_names = {
+      'ce_weight': 'gamma',
+      'kd_weight': 'alpha',
+      'relation_weight': 'beta',
+      'grad_relation_weight': 'lam',
+  }
   hparams = {
       'ce_weight': base.non_negative(1.0, "weight of the students' CE"),
       'kd_weight': base.non_negative(0.9, 'weight of the logit KD to the teacher'),

@@ -20,8 +20,9 @@ CE (`mcl_jax.meta`); the real parameters are untouched and the virtual steps hav
 Parameters (`params['method']`): 'branches' (per group, per branch, `[K_g, ...]`), 'heads'
 (`[K_g, S, ...]`), 'aggregator' (`[K_g, ...]`). State: 'batch_stats' of the branches, 'phi'
 (`[K_g, S, ...]`) and 'phi_opt' (its optimizer state); with `method.memory_bank` (ImageNet,
-docs/methods.md#l-mcl-memory-bank) also the per-peer memories 'memory' `[K, N, D]` (every stage of peer k queries
-M_k; updated with the final-stage embeddings) and the class index that samples their slots.
+docs/methods.md#l-mcl-memory-bank) also the per-peer memories 'memory' `[K, N, D]` (every stage
+of peer k queries M_k; updated with the final-stage embeddings) and the class index that samples
+their slots.
 Otherwise the contrast is in-batch (CIFAR) with the class-balanced sampler.
 """
 

@@ -34,7 +34,7 @@ HPARAMS = {
     'lam': base.non_negative(1.0, 'weight of soft ICL'),
     'logit_kd': base.flag(False, 'add logit KD to the stop-gradient ensemble'),
     'include_self_positive': base.flag(
-        False, 'count the anchor itself among its in-batch positives'
+        False, "ICL: count the same image as seen by the other peer among the anchor's positives"
     ),
     'embed_dim': base.at_least_one(128, 'width of the embedding heads'),
     'memory_bank': base.flag(False, 'contrast against per-peer memory banks (ImageNet)'),
@@ -139,7 +139,8 @@ class MCL(Method):
 
 def init_peer_memory(rng, num_peers: int, train_labels, dim: int) -> dict:
   """Per-peer memory banks `[K, N, dim]` (the authors' uniform init in +-1/sqrt(dim/3),
-  deliberately not normalised, docs/methods.md#mcl-memory-bank) and the class index used to sample their slots."""
+  deliberately not normalised, docs/methods.md#mcl-memory-bank) and the class index used to
+  sample their slots."""
   memory = init_memory(rng, len(train_labels), dim, normalise=False, leading=(num_peers,))
   return {'memory': memory, **class_index(train_labels)}
 
@@ -182,11 +183,11 @@ def sample_contrast_indices(
   contains the sample itself, as the reference), Q other-class slots.
 
   `replace=True` draws the Q negatives uniformly with replacement (MCL's memory bank,
-  docs/methods.md#mcl-memory-bank: O(B Q), fine at ImageNet's N). `replace=False` draws a uniform Q-subset of the other-class slots
-  per row (CRD-style 'exact' sampling of MCL-OKD and CRCD, docs/methods.md#nce-over-a-memory-bank):
-  top-Q of uniform
-  keys over all N ranks with the own class masked out, O(B N) — meant for CIFAR-sized N; the
-  method's init checks Q against the smallest pool (:func:`check_negative_pool`).
+  docs/methods.md#mcl-memory-bank: O(B Q), fine at ImageNet's N). `replace=False` draws a
+  uniform Q-subset of the other-class slots per row (CRD-style 'exact' sampling of MCL-OKD and
+  CRCD, docs/methods.md#nce-over-a-memory-bank): top-Q of uniform keys over all N ranks with the
+  own class masked out, O(B N) — meant for CIFAR-sized N; the method's init checks Q against the
+  smallest pool (:func:`check_negative_pool`).
   """
   pos_rng, neg_rng = jax.random.split(rng)
   offset = index['class_offset'][labels][:, None]

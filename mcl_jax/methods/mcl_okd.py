@@ -1,4 +1,5 @@
-"""MCL-OKD (Yang, Xu, An, ICASSP 2021): online multi-view contrastive distillation (specs §1).
+"""MCL-OKD (Yang, Xu, An, ICASSP 2021): online multi-view contrastive distillation
+(docs/methods.md#mcl-okd).
 
 The views are the cohort's peers after flattening branches: with a multi-branch arch
 (`resnet32_okd4`: shared stem + stage 0, four branches) one "peer" gives four views, evaluated as
@@ -32,6 +33,7 @@ def views_per_peer(group) -> int:
 class MCLOKD(Method):
   """The `mcl_okd` method (hyper-parameters in `hparams`)."""
 
+  legacy_names = {'ce_weight': 'gamma', 'dot_weight': 'alpha', 'contrast_weight': 'beta'}
   hparams = {
       'ce_weight': base.non_negative(1.0, 'weight of the summed CE of every view'),
       'dot_weight': base.non_negative(1.0, 'weight of DOT (last view <- ensemble KL)'),

@@ -154,6 +154,7 @@ class KD(Distillation):
   """Plain logit KD (Hinton et al.): `ce_weight * CE + kd_weight * sum_k T^2 KL(p_t^T || p_k^T)`;
   the defaults are CRD's KD baseline (0.1 CE + 0.9 KD at T = 4)."""
 
+  legacy_names = {'ce_weight': 'gamma', 'kd_weight': 'alpha'}
   hparams = {
       'ce_weight': base.non_negative(0.1, "weight of the students' CE"),
       'kd_weight': base.non_negative(0.9, 'weight of the logit KD to the teacher'),

@@ -276,7 +276,8 @@ CONSTRUCTORS = {
     'resnet20': cifar_resnet(20),
     'resnet32': cifar_resnet(32),
     'resnet56': cifar_resnet(56),
-    # The MCL spec's ResNet-110 is the bottleneck variant (12 blocks per stage, 256-d feature).
+    # MCL's ResNet-110 is the bottleneck variant (12 blocks per stage, 256-d feature), as in the
+    # authors' code (docs/methods.md#initialisation).
     'resnet110': cifar_resnet(110, bottleneck=True),
     'resnet8x4': cifar_resnet(8, **_X4),
     'resnet32x4': cifar_resnet(32, **_X4),

@@ -1,4 +1,4 @@
-"""Multi-branch CIFAR ResNets for MCL-OKD (ONE/OKDDip style, ``specs/other-methods.md`` §1.1).
+"""Multi-branch CIFAR ResNets for MCL-OKD (ONE/OKDDip style, ``docs/methods.md#mcl-okd``).
 
 The stem and the first stage are shared; each of the M branches owns the later stages, the global
 average pool and the classifier (a `StagedNet` tail built with `first_stage=1`). Arch names are
