@@ -241,7 +241,7 @@ def peer_archs(model_config, cohort_config) -> tuple[str, ...]:
 def build_cohort(model_config, cohort_config, num_classes: int, backend: str | None = None):
   """Cohort from config: `model.arch` × `cohort.num_peers`, or `model.archs` (one peer each,
   consecutive equal archs grouped) for heterogeneous cohorts."""
-  # float64 (with jax_enable_x64) is for exactness tests: tests/sharding_equivalence.py.
+  # float64 (with jax_enable_x64) is for exactness tests: tests/support/sharding_equivalence.py.
   dtype = DTYPES[model_config.get('dtype', 'float32')]
   groups: list[PeerGroup] = []
   for arch in peer_archs(model_config, cohort_config):

@@ -6,28 +6,34 @@ the model dtype and the per-channel normalisation mean/std of the training data.
 optimizer or method state is needed to use it:
 
     import numpy as np
-    from mcl_jax import augment
+    from mcl_jax import augment, data
     from mcl_jax.export import load_metadata, load_peer
 
     model, variables = load_peer('peer0.msgpack')           # a flax.linen module and its variables
     meta = load_metadata('peer0.msgpack')                   # num_classes, mean, std, archs, step
+    test = data.load('fashion_mnist', 'test')               # or your own images, see below
+    images_uint8, labels = test.images[:100], test.labels[:100]
     images = augment.normalize(images_uint8, meta['mean'], meta['std'])  # [B, H, W, C] float32
     logits = model.apply(variables, images, train=False)['logits']       # [B, num_classes]
+    accuracy = np.mean(np.argmax(logits, -1) == labels)
 
-(`augment.normalize` is `(images / 255 - mean) / std` per channel.)
+`images_uint8` are images as the run saw them: uint8 pixels [B, H, W, C] of the training data's
+size and channels (28x28x1 for Fashion-MNIST, 32x32x3 for CIFAR); `augment.normalize` is
+`(images / 255 - mean) / std` per channel. A file written with `--peer all` holds every peer: pick
+one with `load_peer(path, peer=k)` (an int; `load_metadata(path)['archs']` lists them).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
+import os
 
 import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mcl_jax import checkpoint as ckpt_lib, evaluate, models
+from mcl_jax import checkpoint as ckpt_lib, cli, evaluate, models, workdir as workdir_lib
 from mcl_jax.cohort import peer_slice
 
 FORMAT = 'mcl_jax.peers/1'
@@ -48,9 +54,13 @@ def peer_variables(cohort, state, k: int) -> tuple[str, dict]:
 
 def export(workdir: str, peer: str, out: str, step: int | None = None) -> list[int]:
   """Writes peer `peer` (an index, or 'all') of the checkpoint of `step` to `out`; returns the
-  exported peer indices."""
+  exported peer indices. Checks `peer` and `out` before reading the checkpoint."""
+  peer = str(peer)
   if peer != 'all' and not peer.isdigit():
     raise ValueError(f'--peer={peer!r}: must be a peer index (0, 1, ...) or `all`.')
+  out_dir = os.path.dirname(os.path.abspath(out))
+  if not os.path.isdir(out_dir):
+    raise ValueError(f'--out {out}: the directory {out_dir} does not exist; create it first.')
   exp, state = evaluate.restore(workdir, step)
   peers = range(exp.cohort.num_peers) if peer == 'all' else [int(peer)]
   payload = {
@@ -98,8 +108,16 @@ def load_peer(path: str, peer: int | None = None):
   """
   payload = _read(path)
   stored = sorted(int(k) for k in payload['peers'])
+  if peer is not None and not isinstance(peer, (int, np.integer)):
+    raise TypeError(
+        f'peer={peer!r}: pass the peer index as an int, e.g. load_peer({path!r}, '
+        f'peer={stored[0]}); {path} holds peers {stored}.'
+    )
   if peer is None and len(stored) > 1:
-    raise ValueError(f'{path} holds peers {stored}; pass peer=<one of them>.')
+    raise ValueError(
+        f'{path} holds peers {stored} (exported with --peer all); pick one: '
+        f'load_peer({path!r}, peer=k) with k in {stored}.'
+    )
   k = stored[0] if peer is None else peer
   if k not in stored:
     raise ValueError(f'peer={peer}: {path} holds peers {stored}.')
@@ -116,12 +134,18 @@ def main(argv=None) -> None:
   parser.add_argument('--out', required=True, help='file to write, e.g. peer0.msgpack')
   parser.add_argument('--step', type=int, default=None, help='checkpoint step (default: newest)')
   args = parser.parse_args(argv)
-  try:
+  with cli.user_errors(
+      'mcl_jax.export', ckpt_lib.CheckpointError, workdir_lib.WorkdirError, OSError, ValueError
+  ):
     peers = export(args.workdir, args.peer, args.out, args.step)
-  except (ckpt_lib.CheckpointError, OSError, ValueError) as e:
-    print(f'mcl_jax.export: error: {e}', file=sys.stderr)
-    sys.exit(2)
-  print(f'Wrote peers {peers} to {args.out}; load with mcl_jax.export.load_peer({args.out!r}).')
+  print(f'Wrote peers {peers} to {args.out}; {load_hint(args.out, peers)}')
+
+
+def load_hint(path: str, peers: list[int]) -> str:
+  """How to load what `export` wrote to `path` (README's snippet does the rest)."""
+  if len(peers) == 1:
+    return f'load with mcl_jax.export.load_peer({path!r}).'
+  return f'load peer k with mcl_jax.export.load_peer({path!r}, peer=k), k in {peers}.'
 
 
 if __name__ == '__main__':

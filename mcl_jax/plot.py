@@ -12,11 +12,11 @@ import argparse
 import itertools
 import math
 import os
-import sys
 
 import matplotlib
 from matplotlib.figure import Figure  # not pyplot: no display, no global figure state
 
+from mcl_jax import cli, workdir as workdir_lib
 from mcl_jax.metrics import TIMING_METRICS, read_metrics
 
 ACCURACY_PANEL = 'test top-1 accuracy'
@@ -43,8 +43,17 @@ def _run_labels(workdirs) -> list[str]:
 
 
 def make_figure(workdirs):
-  """A matplotlib Figure of the runs in `workdirs`: panels ACCURACY_PANEL and one per loss term."""
-  runs = [read_metrics(w) for w in workdirs]
+  """A matplotlib Figure of the runs in `workdirs`: panels ACCURACY_PANEL and one per loss term.
+  WorkdirError for a directory that is not a run or has logged nothing yet."""
+  runs = []
+  for w in workdirs:
+    workdir_lib.require(w, 'metrics.jsonl')
+    runs.append(read_metrics(w))
+    if not runs[-1]:
+      raise workdir_lib.WorkdirError(
+          f'{w} has logged no metrics yet (metrics.jsonl is empty): nothing to plot. Train '
+          f'past the first log step (log_every_steps) first.'
+      )
   names = set().union(*(r for records in runs for r in records))
   losses = sorted(
       (n for n in names if n.startswith('train/') and n not in NOT_LOSSES),
@@ -83,6 +92,9 @@ def make_figure(workdirs):
 
 def plot_runs(workdirs, out: str) -> str:
   """Writes the curves of `workdirs` to the image file `out` (format from its extension)."""
+  out_dir = os.path.dirname(os.path.abspath(out))
+  if not os.path.isdir(out_dir):
+    raise ValueError(f'--out {out}: the directory {out_dir} does not exist; create it first.')
   make_figure(workdirs).savefig(out, dpi=100)
   return out
 
@@ -92,11 +104,8 @@ def main(argv=None) -> None:
   parser.add_argument('workdirs', nargs='+', help='run directories (holding metrics.jsonl)')
   parser.add_argument('--out', default='curves.png', help='image file to write (.png, .pdf, .svg)')
   args = parser.parse_args(argv)
-  try:
+  with cli.user_errors('mcl_jax.plot', workdir_lib.WorkdirError, OSError, ValueError):
     print(plot_runs(args.workdirs, args.out))
-  except (OSError, ValueError) as e:
-    print(f'mcl_jax.plot: error: {e}', file=sys.stderr)
-    sys.exit(2)
 
 
 if __name__ == '__main__':

@@ -14,12 +14,13 @@ import json
 import os
 import statistics
 
-from mcl_jax import methods
+from mcl_jax import cli, methods, workdir as workdir_lib
 from mcl_jax.metrics import read_metrics
 
 
 def run_summary(workdir: str) -> dict:
-  with open(os.path.join(workdir, 'config.json')) as f:
+  workdir_lib.require(workdir, workdir_lib.CONFIG_NAME, 'metrics.jsonl')
+  with open(os.path.join(workdir, workdir_lib.CONFIG_NAME)) as f:
     config = json.load(f)
   evals = [r for r in read_metrics(workdir) if 'eval/best_peer/top1' in r]
   if not evals:
@@ -91,7 +92,8 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('workdirs', nargs='+')
   args = parser.parse_args(argv)
-  print(table(args.workdirs))
+  with cli.user_errors('mcl_jax.report', workdir_lib.WorkdirError, OSError, ValueError):
+    print(table(args.workdirs))
 
 
 if __name__ == '__main__':

@@ -374,7 +374,10 @@ def _run(config, workdir, stop, stop_after_steps, allow_config_change, cleanup):
   # ---- Checks: nothing in the workdir is created or changed until all of them pass -------- #
   t_start = time.time()
   try:
-    validate(config)
+    try:
+      validate(config)
+    except TypeError as e:  # e.g. --config.optim.milestones=abc: a tuple of letters
+      raise config_lib.ConfigError(f'Invalid config: a value of the wrong type ({e}).') from e
     _check_workdir_writable(workdir)
     if jax.process_count() == 1:  # a second trainer is refused at once (multi-host: see hold)
       workdir_lib.TrainerLock(workdir).check_free()
@@ -506,11 +509,12 @@ def _config_changes(config, workdir: str, allow_config_change: bool) -> dict | N
   saved = workdir_lib.saved_config(workdir)
   if saved is None:
     return None
-  try:  # an earlier version's config.json, in today's keys
-    saved = upgrade_saved_config(saved)
+  now = workdir_lib.as_json_dict(config)
+  try:  # an earlier version's config.json in today's keys; both sides alike
+    saved, now = upgrade_saved_config(saved), upgrade_saved_config(now)
   except (KeyError, TypeError, AttributeError, ValueError):
     pass
-  changes = workdir_lib.config_changes(saved, config)
+  changes = workdir_lib.config_changes(saved, now)
   if changes and workdir_lib.saved_steps(workdir):
     try:
       same_run = run_identity(ml_collections.ConfigDict(saved)) == run_identity(config)

@@ -9,7 +9,7 @@ import pytest
 
 from mcl_jax import config_lib, data, train
 
-from conftest import REPO
+from support import REPO
 
 CONFIGS = sorted(glob.glob(os.path.join(REPO, 'configs', '*.py')))
 

@@ -9,7 +9,7 @@ import pytest
 
 from mcl_jax import augment, config_lib, data, registry, step as step_lib, train
 
-from conftest import tiny_config
+from support import tiny_config
 
 BUILTINS = ('fashion_mnist', 'fashion_mnist_full', 'cifar100', 'imagenet2012')
 

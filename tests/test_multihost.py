@@ -16,9 +16,9 @@ from jax.sharding import PartitionSpec as P
 
 from mcl_jax.metrics import read_metrics
 
-from conftest import REPO
+from support import REPO
 
-WORKER = os.path.join(REPO, 'tests', 'multihost_worker.py')
+WORKER = os.path.join(REPO, 'tests', 'support', 'multihost_worker.py')
 pytestmark = pytest.mark.multihost
 
 

@@ -23,7 +23,7 @@ from mcl_jax import augment, checkpoint as ckpt_lib, config_lib, evaluate, expor
 from mcl_jax import step as step_lib
 from mcl_jax.metrics import read_metrics
 
-from conftest import REPO
+from support import REPO
 from test_train import reproducible, restore_final_state
 
 TOTAL_STEPS = 12

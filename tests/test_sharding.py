@@ -1,6 +1,6 @@
 """Sharded training over the ('data', 'peer') mesh equals 1-device training; placements; launch/.
 
-The mesh tests run ONE subprocess with 8 fake CPU devices (tests/sharding_equivalence.py): memory-
+The mesh tests run ONE subprocess with 8 fake CPU devices (tests/support/sharding_equivalence.py): memory-
 bank MCL, ResNet-8, batch 16, 3 steps, on meshes (8,1), (4,2), (2,4) with K = 2 and 4, with the
 peers under shard_map over 'peer' (default) and once left to jit's partitioner (":jit"), each
 against the 1-device run of the same config, in float64 (model compute and the whole state;
@@ -36,9 +36,9 @@ from jax.sharding import AbstractMesh, PartitionSpec as P
 
 from mcl_jax import config_lib, optim, sharding, train
 
-from conftest import REPO, tiny_config
+from support import REPO, tiny_config
 
-HELPER = os.path.join(REPO, 'tests', 'sharding_equivalence.py')
+HELPER = os.path.join(REPO, 'tests', 'support', 'sharding_equivalence.py')
 CASES = (
     '8x1:2:unroll',
     '4x2:2:unroll',

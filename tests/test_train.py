@@ -15,7 +15,7 @@ import pytest
 from mcl_jax import checkpoint as ckpt_lib, config_lib, train
 from mcl_jax.metrics import TIMING_METRICS, read_metrics
 
-from conftest import REPO
+from support import REPO
 
 
 def restore_final_state(workdir):

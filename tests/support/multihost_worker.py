@@ -1,6 +1,6 @@
 """One process of the two-process run of tests/test_multihost.py (jax.distributed over localhost).
 
-    python tests/multihost_worker.py PROCESS_ID NUM_PROCESSES PORT WORKDIR STOP_AFTER_STEPS
+    python tests/support/multihost_worker.py PROCESS_ID NUM_PROCESSES PORT WORKDIR STOP_AFTER_STEPS
 
 Each process has 4 fake CPU devices; the mesh (data=4, peer=2) spans both processes on `data`.
 Trains (or resumes) memory-bank MCL in WORKDIR through `mcl_jax.train.run`, stopping after
@@ -27,8 +27,8 @@ def main():
   )
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from support import tiny_config  # pylint: disable=g-import-not-at-top
   from mcl_jax import checkpoint as ckpt_lib, sharding, train  # pylint: disable=g-import-not-at-top
 
   config = tiny_config(

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import REPO, tiny_config
+from support import REPO, tiny_config
 
 from mcl_jax import checkpoint, config_lib, models, train
 from mcl_jax.metrics import read_metrics

@@ -1,6 +1,6 @@
 """Helper of tests/test_sharding.py, run in ONE subprocess with 8 fake CPU devices:
 
-    python tests/sharding_equivalence.py OUT.json [--steps N] [--cases 8x1:2,4x2:4,...]
+    python tests/support/sharding_equivalence.py OUT.json [--steps N] [--cases 8x1:2,4x2:4,...]
 
 For each case "DATAxPEER:K:STRATEGY[:jit]" (":jit": the partitioner splits the peers instead of
 shard_map over 'peer') trains N steps of memory-bank MCL (ResNet-8, 28x28 images, batch 16)
@@ -34,8 +34,8 @@ jax.config.update('jax_enable_x64', X64)
 
 import numpy as np  # pylint: disable=g-import-not-at-top
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from support import tiny_config  # pylint: disable=g-import-not-at-top
 from mcl_jax import checkpoint as ckpt_lib, sharding, step as step_lib, train  # pylint: disable=g-import-not-at-top
 from mcl_jax import data as data_lib  # pylint: disable=g-import-not-at-top
 

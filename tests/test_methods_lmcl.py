@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from support import tiny_config
 from mcl_jax import checkpoint as ckpt_lib
 from mcl_jax import cohort as cohort_lib
 from mcl_jax import config_lib, losses, meta, methods, train
