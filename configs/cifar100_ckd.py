@@ -43,7 +43,7 @@ def get_config(arg=None):
   if args['baseline']:
     c.method = methods.config('independent')
   elif args['kd']:
-    c.method = methods.config('kd', ce_weight=0.1, kd_weight=0.9, kd_T=4.0)
+    c.method = methods.config('kd')  # CRD's KD baseline: 0.1 CE + 0.9 KD at T = 4
   else:
     c.method = methods.config('ckd', ce_weight=1.0, ckd_weight=w_cl, tau=tau)
   # CosineAnnealingLR stepped once per epoch.

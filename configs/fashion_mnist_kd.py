@@ -48,56 +48,20 @@ def get_config(arg=None):
     raise ValueError(f"method={args['method']!r}: use one of {METHODS}.")
   c = config_lib.base_config()
   c.seed = args['seed']
-  c.data.name = 'fashion_mnist'  # on device: pad-2 random crop + flip (the source's)
-  config_lib.set_sgd(
-      c,
-      batch_size=128,
-      epochs=args['epochs'],
-      lr=0.1,
-      weight_decay=5e-4,
-      nesterov=True,
-      schedule='cosine',
-      per_epoch=False,
-  )
-  c.log_every_steps, c.ckpt_every_steps = 50, 500
+  config_lib.set_fashion_mnist(c, args['epochs'])
   c.cohort.num_peers = 1
   method = 'independent' if args['role'] == 'teacher' else args['method']
   c.model.arch = args['teacher_arch'] if args['role'] == 'teacher' else args['arch']
   if method in NEEDS_TEACHER:
     c.teacher.arch = args['teacher_arch']
     c.teacher.checkpoint = args['teacher']
+  # kd: CRD's KD baseline (0.1 CE + 0.9 KD, T = 4); ckd: the res56 -> res20 row of the CKD
+  # configs (w_ce 1, w_cl 10, tau 1); mcl_okd: MCL-OKD's CIFAR settings. All are the defaults.
   c.method = methods.config(method)
-  if method == 'kd':  # CRD's KD baseline: 0.1 CE + 0.9 KD, T = 4
-    c.method = methods.config(method, ce_weight=0.1, kd_weight=0.9, kd_T=4.0)
-  elif method == 'ckd':  # the res56 -> res20 row of the CKD configs
-    c.method = methods.config(method, ce_weight=1.0, ckd_weight=10.0, tau=1.0)
-  elif method == 'crcd':  # CRCD's CIFAR protocol (docs/methods.md#crcd) but K = 64:
+  if method == 'crcd':  # CRCD's CIFAR protocol (docs/methods.md#crcd) but K = 64:
     # the relations cost O(B^2 (K+1) F) per side and element; at batch 128 with the protocol's
     # K = 500 the step costs 10.1x the student alone on CPU, with K = 64 2.7x (BENCHMARKS.md §3).
-    c.method = methods.config(
-        method,
-        ce_weight=1.0,
-        kd_weight=0.9,
-        relation_weight=1.0,
-        grad_relation_weight=1.0,
-        kd_T=4.0,
-        tau=0.05,
-        num_negatives=64,
-        memory_momentum=0.5,
-        embed_dim=128,
-        distill_fraction=24 / 25,
-    )
-  elif method == 'mcl_okd':  # MCL-OKD's CIFAR defaults (docs/methods.md#mcl-okd)
+    c.method = methods.config(method, num_negatives=64, distill_fraction=24 / 25)
+  elif method == 'mcl_okd':
     c.model.arch = f"{args['arch']}_okd{args['branches']}"
-    c.method = methods.config(
-        method,
-        ce_weight=1.0,
-        dot_weight=1.0,
-        contrast_weight=0.025,
-        kd_T=3.0,
-        tau=0.1,
-        num_negatives=256,
-        memory_momentum=0.5,
-        embed_dim=128,
-    )
   return config_lib.finish(c, args['smoke'])

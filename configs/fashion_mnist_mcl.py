@@ -15,20 +15,8 @@ def get_config(arg=None):
   )
   c = config_lib.base_config()
   c.seed = args['seed']
-  c.data.name = 'fashion_mnist'  # on device: pad-2 random crop + flip (the source's)
   c.model.arch = args['arch']
   c.cohort.num_peers = args['peers']
   c.method = methods.config(args['method'])  # the method's default hyper-parameters
-  config_lib.set_sgd(
-      c,
-      batch_size=128,
-      epochs=args['epochs'],
-      lr=0.1,
-      weight_decay=5e-4,
-      nesterov=True,
-      schedule='cosine',
-      per_epoch=False,
-  )
-  c.log_every_steps, c.ckpt_every_steps = 50, 500
-  c.eval_every_steps = -1
+  config_lib.set_fashion_mnist(c, args['epochs'])
   return config_lib.finish(c, args['smoke'])

@@ -121,6 +121,23 @@ def set_cifar100(c: ml_collections.ConfigDict) -> None:
   c.log_every_steps, c.ckpt_every_steps = 100, 2000
 
 
+def set_fashion_mnist(c: ml_collections.ConfigDict, epochs: float) -> None:
+  """The embedded Fashion-MNIST recipe of the CPU benchmarks: batch 128, SGD-Nesterov lr 0.1,
+  weight decay 5e-4, cosine stepped per step, for `epochs` epochs; log every 50 steps."""
+  c.data.name = 'fashion_mnist'  # on device: pad-2 random crop + flip (the source's)
+  set_sgd(
+      c,
+      batch_size=128,
+      epochs=epochs,
+      lr=0.1,
+      weight_decay=5e-4,
+      nesterov=True,
+      schedule='cosine',
+      per_epoch=False,
+  )
+  c.log_every_steps, c.ckpt_every_steps = 50, 500
+
+
 def finish(c: ml_collections.ConfigDict, smoke: bool) -> ml_collections.ConfigDict:
   """The config as returned by `get_config`: shrunk by `apply_smoke` when asked."""
   return apply_smoke(c) if smoke else c

@@ -133,11 +133,14 @@ def test_a_registered_toy_source_is_what_a_run_loads(toy):
 
 
 def test_registering_again(toy):
-  assert data.register('toy_blobs', dataclasses.replace(TOY)) is not TOY  # an equal source: fine
-  other = dataclasses.replace(TOY, flip=True)
+  # From the same module again (a config file loaded twice): the new source replaces the old.
+  assert data.register('toy_blobs', dataclasses.replace(TOY, flip=True)).flip
+  # From another module: a clash, unless replace=True.
+  elsewhere = {'__name__': 'elsewhere', 'data': data, 'TOY': TOY}
   with pytest.raises(ValueError, match="data set 'toy_blobs' is already registered"):
-    data.register('toy_blobs', other)
-  assert data.register('toy_blobs', other, replace=True).flip
+    exec(compile("data.register('toy_blobs', TOY)", 'elsewhere.py', 'exec'), elsewhere)
+  exec(compile("data.register('toy_blobs', TOY, replace=True)", 'elsewhere.py', 'exec'), elsewhere)
+  assert data.get('toy_blobs') is TOY and data.origin('toy_blobs').module == 'elsewhere'
   data.register('toy_blobs', TOY, replace=True)
 
 

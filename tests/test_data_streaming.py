@@ -7,7 +7,7 @@ import numpy as np
 
 from mcl_jax import data
 
-from fake_tfds import fake_records, patch_prepared_tfds
+from support.fake_tfds import fake_records, patch_prepared_tfds
 
 _FAKE_IMAGENET = fake_records(37, lambda i: (20 + i % 13, 47 - i % 11, 3), seed=4)
 

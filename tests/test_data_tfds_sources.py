@@ -8,7 +8,7 @@ import tensorflow_datasets as tfds
 
 from mcl_jax import data
 
-from fake_tfds import assert_missing_message, fake_records, patch_prepared_tfds
+from support.fake_tfds import assert_missing_message, fake_records, patch_prepared_tfds
 
 
 @pytest.mark.parametrize('name', ['cifar100', 'imagenet2012'])

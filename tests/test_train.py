@@ -154,7 +154,7 @@ def test_streamed_dataset_trains_and_resumes_exactly(tmp_path, make_config, monk
   """The imagenet2012 path (grain stream + memory-bank MCL with lazily read labels) on a small
   fake tfds source: trains, and a resumed run equals an uninterrupted one."""
   from mcl_jax import data
-  from fake_tfds import patch_prepared_tfds
+  from support.fake_tfds import patch_prepared_tfds
 
   rng = np.random.default_rng(0)
   records = [

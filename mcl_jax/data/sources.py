@@ -17,9 +17,6 @@ See docs/data.md.
 
 from __future__ import annotations
 
-import dataclasses
-import sys
-
 import numpy as np
 
 from mcl_jax import registry
@@ -33,8 +30,8 @@ REGISTRY: registry.Registry[base.DataSource] = registry.Registry(
 def register(name: str, source: base.DataSource, *, replace: bool = False) -> base.DataSource:
   """Makes ``source`` available as ``data.name=<name>``.
 
-  Registering a name again is an error unless ``replace=True`` or the source is an equal one (as
-  when a config file that registers it is loaded twice). Returns ``source``.
+  Registering a name again is an error unless ``replace=True`` or it comes from the same module
+  again (a config file loaded twice). Returns ``source``.
   """
   if not isinstance(source, base.DataSource):
     raise TypeError(
@@ -42,10 +39,7 @@ def register(name: str, source: base.DataSource, *, replace: bool = False) -> ba
         f'mcl_jax.data.InMemorySource(name, train=(images, labels), test=(images, labels))), got '
         f'{type(source).__name__}.'
     )
-  caller = sys._getframe(1).f_globals  # pylint: disable=protected-access
-  origin = registry.Origin(caller.get('__name__', '__main__'), caller.get('__file__'))
-  replace = replace or (name in REGISTRY and _same_source(REGISTRY.get(name), source))
-  return REGISTRY.register(name, source, replace=replace, origin=origin)
+  return REGISTRY.register(name, source, replace=replace)  # remembers the calling module
 
 
 def get(name: str) -> base.DataSource:
@@ -62,21 +56,6 @@ def names() -> tuple[str, ...]:
 def origin(name: str) -> registry.Origin:
   """The module (and file) that registered ``name``."""
   return REGISTRY.origin(name)
-
-
-def _same_source(a: base.DataSource, b: base.DataSource) -> bool:
-  if a is b:
-    return True
-  if type(a) is not type(b):
-    return False
-  for field in dataclasses.fields(a):
-    x, y = getattr(a, field.name), getattr(b, field.name)
-    if isinstance(x, tuple) and x and isinstance(x[0], np.ndarray):  # InMemorySource splits
-      if not all(np.array_equal(u, v) for u, v in zip(x, y)):
-        return False
-    elif x != y:
-      return False
-  return True
 
 
 # ---- Lookups by name (the config's view) --------------------------------------------------------
