@@ -146,12 +146,12 @@ def test_registering_again(toy):
 
 def test_a_variant_of_a_builtin_shares_its_loaded_arrays():
   plain = data.register(
-      'fashion_mnist_plain',
+      'fashion_mnist_variant',
       dataclasses.replace(data.get('fashion_mnist'), crop_padding=0, flip=False),
   )
   assert plain.name == 'fashion_mnist' and (plain.crop_padding, plain.flip) == (0, False)
   assert (
-      data.load('fashion_mnist_plain', 'test').images is data.load('fashion_mnist', 'test').images
+      data.load('fashion_mnist_variant', 'test').images is data.load('fashion_mnist', 'test').images
   )
-  aug = data.augment_spec(tiny_config(**{'data.name': 'fashion_mnist_plain'}))
+  aug = data.augment_spec(tiny_config(**{'data.name': 'fashion_mnist_variant'}))
   assert (aug.crop_padding, aug.flip) == (0, False)
