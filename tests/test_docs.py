@@ -65,6 +65,8 @@ def source_files():
 def test_code_cites_only_documents_the_repository_has():
   bad = []
   for path in list(source_files()) + [os.path.join(REPO, 'README.md')]:
+    if os.path.abspath(path) == os.path.abspath(__file__):  # its own negative examples
+      continue
     with open(path) as f:
       text = f.read()
     for doc, anchor in DOC_REF.findall(text):
