@@ -23,7 +23,12 @@ done
 [[ $# -ge 2 ]] || die "usage: $0 [--dry-run] [--fake-cpu-devices N] CONFIG WORKDIR [--config.k=v ...]"
 CONFIG=$1 WORKDIR=$2
 shift 2
-PYTHON=${PYTHON:-python}
+# The repository's virtualenv (README's install) unless PYTHON says otherwise: a plain `python`
+# without it activated has no mcl_jax.
+VENV_PYTHON="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/.venv/bin/python"
+if [[ -z "${PYTHON:-}" ]]; then
+  if [[ -x "$VENV_PYTHON" ]]; then PYTHON=$VENV_PYTHON; else PYTHON=python; fi
+fi
 ENV=()
 if [[ "$FAKE" -gt 0 ]]; then
   ENV=(env JAX_PLATFORMS=cpu "XLA_FLAGS=--xla_force_host_platform_device_count=$FAKE${XLA_FLAGS:+ $XLA_FLAGS}")

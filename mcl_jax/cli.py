@@ -16,6 +16,7 @@ import contextlib
 import difflib
 import importlib.util
 import os
+import site
 import sys
 from typing import NoReturn
 
@@ -48,6 +49,7 @@ def config_dirs() -> list[str]:
   return [
       os.path.join(os.path.dirname(package), 'configs'),
       os.path.join(sys.prefix, 'share', 'mcl_jax', 'configs'),
+      os.path.join(site.USER_BASE or '~/.local', 'share', 'mcl_jax', 'configs'),  # pip --user
   ]
 
 
@@ -77,7 +79,7 @@ def resolve_config_path(path: str) -> str:
     )
   raise config_lib.ConfigError(
       f'config file {path} not found, and the shipped configs are not installed here (looked in '
-      f'{" and ".join(config_dirs())}). Run from a clone of the repository, or reinstall with '
+      f'{", ".join(config_dirs())}). Run from a clone of the repository, or reinstall with '
       f'`pip install .` from one (it installs them into {config_dirs()[1]}).'
   )
 

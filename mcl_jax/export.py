@@ -58,6 +58,7 @@ def export(workdir: str, peer: str, out: str, step: int | None = None) -> list[i
   peer = str(peer)
   if peer != 'all' and not peer.isdigit():
     raise ValueError(f'--peer={peer!r}: must be a peer index (0, 1, ...) or `all`.')
+  workdir_lib.require(workdir, workdir_lib.CONFIG_NAME)
   out_dir = os.path.dirname(os.path.abspath(out))
   if not os.path.isdir(out_dir):
     raise ValueError(f'--out {out}: the directory {out_dir} does not exist; create it first.')

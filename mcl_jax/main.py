@@ -62,12 +62,13 @@ def main(argv):
   ):
     try:
       train.run(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
-    except KeyboardInterrupt:
-      cli.fail(
-          PROG,
-          'aborted by a second Ctrl-C; resume from the last checkpoint by running the '
-          'same command again.',
+    except KeyboardInterrupt:  # a second Ctrl-C: out at once, status 130 as for any SIGINT
+      print(
+          f'{PROG}: aborted by a second Ctrl-C; run the same command again to resume from the '
+          f'last checkpoint.',
+          file=sys.stderr,
       )
+      sys.exit(130)
 
 
 # --------------------------------------------------------------------------------------------- #

@@ -92,10 +92,11 @@ def make_figure(workdirs):
 
 def plot_runs(workdirs, out: str) -> str:
   """Writes the curves of `workdirs` to the image file `out` (format from its extension)."""
+  figure = make_figure(workdirs)
   out_dir = os.path.dirname(os.path.abspath(out))
   if not os.path.isdir(out_dir):
     raise ValueError(f'--out {out}: the directory {out_dir} does not exist; create it first.')
-  make_figure(workdirs).savefig(out, dpi=100)
+  figure.savefig(out, dpi=100)
   return out
 
 

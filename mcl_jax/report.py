@@ -46,7 +46,7 @@ def describe(config: dict) -> str:
   method = m['name']
   if method == 'mcl' and m.get('logit_kd'):
     method += '+kd'
-  if method == 'mcl_okd' and m['dot_weight'] == 0 and m['contrast_weight'] == 0:
+  if method == 'mcl_okd' and m.get('dot_weight') == 0 and m.get('contrast_weight') == 0:
     method += ' (CE only: branches alone)'
   if method in ('kd', 'ckd', 'crcd'):  # teacher -> student
     method += f" from {config['teacher']['arch']}"

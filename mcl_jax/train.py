@@ -445,6 +445,11 @@ def _run(config, workdir, stop, stop_after_steps, allow_config_change, cleanup):
     if exp.meta_step is not None and step % exp.method.meta_every_steps == 0:
       state = exp.meta_step(state, batch, exp.frozen)
     pending.append(metrics)
+    if len(pending) >= 2:
+      # The host stays at most one step ahead of the device (the step running and one queued
+      # behind it, still overlapping host and device work): a stop request (Ctrl-C, SIGTERM)
+      # takes effect at the next step boundary instead of after every step dispatched so far.
+      jax.block_until_ready(pending[-2])
     done = step + 1
     if step == start_step:
       jax.block_until_ready(metrics)

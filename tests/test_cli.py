@@ -19,7 +19,8 @@ from support import REPO
 SMOKE = 'configs/fashion_mnist_mcl.py:smoke'
 TRAIN = ['mcl_jax.main', '--config', SMOKE, '--workdir', '{workdir}']
 
-# (case, command after `python -m`, what stderr must say, the workdir: absent / config_only / None)
+# (case, command after `python -m`, what stderr must say, the workdir: absent, config_only (a
+# config.json), with_checkpoint (and a checkpoint directory), None (not given))
 CASES = [
     (
         'unknown key',
@@ -49,9 +50,10 @@ CASES = [
     ),
     (
         'missing config file',
-        ['mcl_jax.main', '--config', 'configs/fashion_mnist.py', '--workdir', '{workdir}'],
+        ['mcl_jax.main', '--config', 'configs/fashion_mnist_mlc.py', '--workdir', '{workdir}'],
         [
-            'config file configs/fashion_mnist.py not found. Did you mean configs/fashion_mnist_mcl.py?'
+            'config file configs/fashion_mnist_mlc.py not found. Did you mean '
+            'configs/fashion_mnist_mcl.py? Shipped configs (configs/): '
         ],
         'absent',
     ),
@@ -84,7 +86,7 @@ CASES = [
         'changed config of a run with a checkpoint',
         TRAIN + ['--config.optim.lr=0.5'],
         ['  optim.lr: 0.1 (config.json) -> 0.5 (now)', '--allow_config_change'],
-        'config_only',
+        'with_checkpoint',
     ),
     (
         'no workdir',
@@ -156,9 +158,9 @@ def _tree(path) -> dict:
   return out
 
 
-def _config_only_run(workdir):
+def _started_run(workdir, checkpoint):
   """A run's config.json (the smoke config, as the CLI builds it) and an (empty) checkpoint."""
-  os.makedirs(os.path.join(workdir, 'checkpoints', 'latest', '4'))
+  os.makedirs(os.path.join(workdir, 'checkpoints', 'latest', '4') if checkpoint else workdir)
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     f.write(cli.load_config(SMOKE).to_json(indent=2))
 
@@ -170,8 +172,8 @@ def test_a_mistake_is_one_clear_error_exit_2_and_nothing_written(
     tmp_path, command, expected, workdir_kind
 ):
   workdir = str(tmp_path / 'run')
-  if workdir_kind == 'config_only':
-    _config_only_run(workdir)
+  if workdir_kind in ('config_only', 'with_checkpoint'):
+    _started_run(workdir, checkpoint=workdir_kind == 'with_checkpoint')
   before = _tree(workdir)
   proc = subprocess.run(
       [sys.executable, '-m'] + [a.format(workdir=workdir) for a in command],

@@ -175,3 +175,43 @@ def test_memory_bank_method_updates_own_slots_only():
   np.testing.assert_allclose(np.linalg.norm(new_state['memory'][:, own], axis=-1), 1.0, rtol=1e-5)
   grads = jax.grad(lambda p: loss_fn(p)[0])(params)
   assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+
+
+def test_methods_own_their_keys_and_validate_them():
+  """Each method declares its keys; a wrong type, a bad value, a foreign or a missing key is one
+  clear line of the config error, from the method's own validation."""
+  assert set(methods.config('kd')) == {'name', 'ce_weight', 'kd_weight', 'kd_T'}
+  assert 'alpha' in methods.config('mcl') and 'alpha' not in methods.config('crcd')
+  assert methods.problems(methods.config('mcl'), None) == []
+  found = methods.problems(methods.config('mcl', tau='hot', alpha=-1.0), None)
+  assert "method.tau='hot': must be a float (like the default 0.1)" in found
+  assert 'method.alpha=-1.0: must be >= 0' in found
+  foreign = methods.config('dml')
+  foreign.alpha = 0.1
+  assert "has no keys ['alpha']" in methods.problems(foreign, None)[0]
+  missing = methods.config('dml')
+  del missing['dml_weight']
+  assert "needs the keys ['dml_weight']" in methods.problems(missing, None)[0]
+  with pytest.raises(KeyError, match="no hyper-parameter \\['alhpa'\\]"):
+    methods.config('mcl', alhpa=0.1)
+  unknown = methods.problems({'name': 'mlc'}, None)
+  assert "method.name='mlc' is not a registered method" in unknown[0]
+
+
+def test_register_rejects_a_name_taken_elsewhere_and_non_methods():
+  class Mine(methods.Method):
+    pass
+
+  with pytest.raises(ValueError, match="method 'mcl' is already registered"):
+    methods.register('mcl', Mine)
+  with pytest.raises(TypeError, match='not a mcl_jax Method subclass'):
+    methods.register('mine', object)
+  methods.register('test_mine', Mine)
+  methods.register('test_mine', Mine)  # the same module again: allowed
+  assert methods.build(methods.config('test_mine')).config.name == 'test_mine'
+
+
+def test_saved_flat_method_sections_upgrade_to_the_methods_own_keys():
+  old_kd = {'name': 'kd', 'gamma': 0.1, 'alpha': 0.9, 'kd_T': 4.0, 'beta': 0.1, 'tau': 0.1}
+  assert methods.upgrade(old_kd) == {'name': 'kd', 'ce_weight': 0.1, 'kd_weight': 0.9, 'kd_T': 4.0}
+  assert methods.upgrade(dict(methods.config('mcl'))) == dict(methods.config('mcl'))

@@ -92,3 +92,36 @@ def test_two_processes_train_and_resume(tmp_path):
   steps = [r['step'] for r in records if 'train/loss' in r]
   assert steps == [1, 2, 3, 4], records
   assert any('eval/best_peer/top1' in r for r in records)
+
+
+def test_a_held_workdir_stops_every_process_without_a_hang(tmp_path):
+  """Process 0 checks the lock and tells process 1 (mcl_jax.workdir.hold): both stop, at once."""
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  lock = workdir / 'trainer.lock'
+  lock.write_text(json.dumps({'host': 'elsewhere', 'pid': 7, 'started': 'earlier'}))
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  port = str(_free_port())
+  procs = [
+      subprocess.Popen(
+          [sys.executable, WORKER, str(i), '2', port, str(workdir), '100'],
+          stdout=subprocess.PIPE,
+          stderr=subprocess.STDOUT,
+          text=True,
+          env=env,
+          cwd=REPO,
+      )
+      for i in range(2)
+  ]
+  try:
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  assert all(p.returncode != 0 for p in procs), outputs
+  assert 'WorkdirError: --workdir' in outputs[0] and 'in use by pid 7 on host elsewhere' in (
+      outputs[0]
+  )
+  assert 'WorkdirError: Process 0 could not take the lock' in outputs[1], outputs[1][-3000:]
+  assert os.listdir(workdir) == ['trainer.lock']

@@ -260,7 +260,6 @@ def test_checkpoint_of_another_cohort_is_refused_and_config_kept(runs, tmp_path)
         ('method.num_negatives', 0, 'method.num_negatives=0: must be >= 1'),
         ('model.dtype', 'float16', "model.dtype='float16': must be 'float32' or 'bfloat16'"),
         ('seed', -1, 'seed=-1: must be >= 0'),
-        ('method.tau', 'hot', "method.tau='hot': must be a float"),
         ('method.alhpa', 0.1, "method.name='mcl' has no keys ['alhpa']"),
         ('optim.milestones', (60, 30), 'optim.milestones=(60, 30): must be increasing epochs > 0'),
         ('optim.decay_factor', 0.0, 'optim.decay_factor=0.0: must be > 0'),
@@ -380,7 +379,7 @@ def test_evaluate_names_the_saved_steps(runs):
     evaluate.restore(runs.straight, 5)
 
 
-def test_exported_peers_give_the_trainer_logits(runs, tmp_path):
+def test_exported_peers_give_the_trainer_logits(runs, tmp_path, capsys):
   exp, state = evaluate.restore(runs.straight)
   images = exp.test_data.images[:32]
   normalized = augment.normalize(images, exp.aug.mean, exp.aug.std)
@@ -390,6 +389,9 @@ def test_exported_peers_give_the_trainer_logits(runs, tmp_path):
   every, one = str(tmp_path / 'cohort.msgpack'), str(tmp_path / 'peer1.msgpack')
   export.main(['--workdir', runs.straight, '--peer', 'all', '--out', every])
   export.main(['--workdir', runs.straight, '--peer', '1', '--out', one])
+  printed = capsys.readouterr().out
+  assert f'load peer k with mcl_jax.export.load_peer({every!r}, peer=k), k in [0, 1].' in printed
+  assert f'load with mcl_jax.export.load_peer({one!r}).' in printed
 
   meta = export.load_metadata(every)
   assert meta['archs'] == {0: 'resnet8', 1: 'resnet8'} and meta['num_classes'] == 10
@@ -399,8 +401,10 @@ def test_exported_peers_give_the_trainer_logits(runs, tmp_path):
     inputs = augment.normalize(images, *(export.load_metadata(path)[n] for n in ('mean', 'std')))
     logits = model.apply(variables, inputs, train=False)['logits']
     np.testing.assert_allclose(logits, trainer_logits[1 if k is None else k], rtol=1e-5, atol=1e-5)
-  with pytest.raises(ValueError, match=r'holds peers \[0, 1\]; pass peer='):
+  with pytest.raises(ValueError, match=r'holds peers \[0, 1\] .*; pick one: load_peer\(.*peer=k\)'):
     export.load_peer(every)
+  with pytest.raises(TypeError, match=r"peer='1': pass the peer index as an int, e.g. load_peer"):
+    export.load_peer(every, '1')
   with pytest.raises(ValueError, match=r'--peer=2: the cohort has peers 0..1'):
     export.export(runs.straight, '2', str(tmp_path / 'x.msgpack'))
 

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from mcl_jax import config_lib, metrics, report
+from mcl_jax import config_lib, methods, metrics, report
 
 
 def fake_run(root, name, seed, method, evals):
@@ -55,11 +55,11 @@ def test_table_groups_seeds_and_reports_best_and_final(tmp_path):
 def test_group_names_separate_variants():
   c = config_lib.base_config()
   c.model.arch, c.cohort.num_peers = 'resnet8', 1
-  c.method.name, c.teacher.arch, c.method.num_negatives = 'crcd', 'resnet20', 64
+  c.method, c.teacher.arch = methods.config('crcd', num_negatives=64), 'resnet20'
   assert report.describe(c.to_dict()) == 'fashion_mnist · crcd from resnet20 (K = 64) · resnet8×1'
-  c.method.name = 'kd'
+  c.method = methods.config('kd')
   assert report.describe(c.to_dict()) == 'fashion_mnist · kd from resnet20 · resnet8×1'
-  c.method.name, c.model.arch = 'mcl_okd', 'resnet8_okd2'
+  c.method, c.model.arch = methods.config('mcl_okd'), 'resnet8_okd2'
   okd = report.describe(c.to_dict())
   c.method.dot_weight = c.method.contrast_weight = 0.0
   assert report.describe(c.to_dict()) == okd.replace('mcl_okd', 'mcl_okd (CE only: branches alone)')

@@ -53,18 +53,23 @@ def augment_spec(config) -> ml_collections.ConfigDict:
 
 
 class LazyLabels:
-  """The training labels of a streamed data set: the length is known at once, the values are read
-  (one pass over the records, cached in the workdir) only if a method asks for them."""
+  """The labels of a streamed split: the length is known at once; the values (training split
+  only) are read (one pass over the records, cached in the workdir) only if a method asks."""
 
-  def __init__(self, source: base.DataSource, data_dir, cache_dir, length: int):
-    self._source, self._args = source, (data_dir, cache_dir)
-    self._length, self._labels = length, None
+  def __init__(self, source: base.DataSource, split: str, data_dir, cache_dir):
+    self._source, self._split, self._args = source, split, (data_dir, cache_dir)
+    self._length, self._labels = source.num_examples(split), None
 
   def __len__(self):
     return self._length
 
   def __array__(self, dtype=None, copy=None):
     if self._labels is None:
+      if self._split != 'train':
+        raise NotImplementedError(
+            f'Only the training labels of the streamed {self._source.name} are read; its '
+            f'{self._split} labels come with the batches.'
+        )
       self._labels = self._source.train_labels(*self._args)
     return self._labels if dtype is None else self._labels.astype(dtype)
 
@@ -81,9 +86,7 @@ class StreamedSplit:
   def __post_init__(self):
     self.image_shape, self.num_classes = self.source.image_shape, self.source.num_classes
     self.mean, self.std = self.source.mean, self.source.std
-    self.labels = LazyLabels(
-        self.source, self.data_dir, self.cache_dir, self.source.num_examples(self.split)
-    )
+    self.labels = LazyLabels(self.source, self.split, self.data_dir, self.cache_dir)
 
   def batches(self, global_batch: int, seed: int, start_step: int = 0, train: bool = True):
     """This process's rows of each global batch (``DataSource.batches``)."""

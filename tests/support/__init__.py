@@ -14,7 +14,8 @@ def tiny_config(**overrides):
   c.model.arch = 'resnet8'
   c.cohort.num_peers = 2
   # A method.name override selects that method's section (its own keys at their defaults).
-  c.method = methods.config(overrides.pop('method.name', 'dml'))
+  name = overrides.pop('method.name', 'dml')
+  c.method = methods.config(name) if name in methods.names() else {'name': name}
   c.batch_size = 16
   c.total_steps = 8
   c.data.train_examples = 128
