@@ -57,8 +57,9 @@ def _in_package(frame) -> bool:
   return module == PACKAGE or module.startswith(PACKAGE + '.')
 
 
-class UnknownNameError(KeyError):
-  """A name that no plug-in registered; the message lists the registered ones."""
+class UnknownNameError(KeyError, ValueError):
+  """A name that no plug-in registered; the message lists the registered ones. A KeyError (a
+  failed lookup) and a ValueError (a bad config value) alike."""
 
   def __str__(self):  # KeyError quotes its message; this one is a sentence.
     return str(self.args[0])

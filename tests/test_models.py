@@ -157,6 +157,29 @@ def test_unknown_arch_raises():
     models.get_model('resnet9', 10)
 
 
+def test_register_declares_capabilities_and_protects_names():
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+
+  class Linear(nn.Module):
+    num_classes: int
+    dtype: object = jnp.float32
+    feature_dim = 8
+
+    @nn.compact
+    def __call__(self, x, *, train):
+      feature = nn.Dense(8)(x.reshape(x.shape[0], -1))
+      return {'logits': nn.Dense(self.num_classes)(feature), 'feature': feature, 'stages': ()}
+
+  models.register('test_linear', Linear)
+  assert models.spec('test_linear') == models.ArchSpec(Linear, 1, False)
+  assert models.get_model('test_linear', 3).num_classes == 3
+  with pytest.raises(ValueError, match='does not build stage tails'):
+    models.get_model('test_linear', 3, first_stage=1)
+  with pytest.raises(ValueError, match="model 'resnet8' is already registered"):
+    models.register('resnet8', Linear)
+  assert models.spec('resnet8').stage_tails and models.spec('resnet8_okd2').num_branches == 2
+
+
 def test_init_statistics():
   """Convs: kaiming-normal fan_out (std sqrt(2 / (9 * C_out))); classifier: torch's U(+-1/sqrt(d))."""
   model = models.get_model('resnet8', 10)
