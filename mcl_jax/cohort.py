@@ -10,7 +10,10 @@ How the peers of a group are applied is a strategy, chosen in one place (`apply_
             become one batched/grouped convolution).
 - `unroll`: the K_g peers applied one after another inside the same jit (XLA:CPU runs grouped
             convolutions far slower than K plain ones; see BENCHMARKS.md).
-- `auto`:   the measured-fastest per backend (`AUTO_STRATEGY`).
+- `auto`:   a decision cached on this machine for the run's exact setup, else the
+            measured-fastest per backend (`AUTO_STRATEGY`).
+- `autotune`: the candidates (`CANDIDATES`) timed for the run's exact shapes, the fastest kept
+            (mcl_jax/autotune.py, in the loop layer: it times jitted train steps).
 
 On a mesh with a `peer` axis (`Cohort.mesh`), a group whose K_g the axis divides is applied under
 `jax.shard_map` over `peer` (manual) with `data` left to the partitioner: each device applies only
@@ -34,7 +37,8 @@ from jax.sharding import PartitionSpec as P
 
 from mcl_jax import models, sharding
 
-STRATEGIES = ('auto', 'vmap', 'unroll')
+STRATEGIES = ('auto', 'autotune', 'vmap', 'unroll')
+CANDIDATES = ('vmap', 'unroll')  # what `auto` and `autotune` resolve to
 
 # Fastest strategy per backend, from benchmarks/cohort_step.py (BENCHMARKS.md). Backends not listed
 # use vmap: batching the peers is what accelerators are good at.
@@ -42,9 +46,11 @@ AUTO_STRATEGY = {'cpu': 'unroll'}
 
 
 def resolve_strategy(strategy: str, backend: str | None = None) -> str:
+  """A candidate for `strategy`: itself, or for `auto` and `autotune` the per-backend default
+  (which the loop replaces by a cached or measured decision, mcl_jax/autotune.py)."""
   if strategy not in STRATEGIES:
     raise ValueError(f'cohort.strategy={strategy!r} is not one of {STRATEGIES}.')
-  if strategy != 'auto':
+  if strategy in CANDIDATES:
     return strategy
   return AUTO_STRATEGY.get(backend or jax.default_backend(), 'vmap')
 
@@ -73,7 +79,7 @@ class Cohort:
   """A cohort of peer networks. Pure: holds no variables, only how to make and apply them."""
 
   groups: tuple[PeerGroup, ...]
-  strategy: str  # resolved: 'vmap' or 'unroll'
+  strategy: str  # resolved: one of CANDIDATES
   mesh: Any = None  # a ('data', 'peer') Mesh: groups are split over 'peer' by shard_map
 
   @property

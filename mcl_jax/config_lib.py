@@ -23,6 +23,9 @@ def base_config() -> ml_collections.ConfigDict:
           data_dir='',  # normalisation and its augmentation
           train_examples=-1,  # > 0: use only the first N (after a fixed shuffle); smoke sets it
           eval_examples=-1,  # > 0: evaluate on the first N test examples
+          # != 0: each evaluation also runs on the un-augmented training images (-1: all of
+          # them, N > 0: a fixed N of them), logged as train_eval/*; 0: off
+          train_eval_examples=0,
           eval_batch_size=1000,
       )
   )
@@ -206,6 +209,13 @@ def problems(c: ml_collections.ConfigDict, num_devices: int | None = None) -> li
         'a variant, e.g. data.register(name, dataclasses.replace(data.get(...), crop_padding=0))',
     )
   check(c.data.eval_batch_size >= 1, 'data.eval_batch_size', c.data.eval_batch_size, 'must be >= 1')
+  train_eval = c.data.get('train_eval_examples', 0)
+  check(
+      isinstance(train_eval, int) and train_eval >= -1,
+      'data.train_eval_examples',
+      train_eval,
+      'must be -1 (the whole training set), 0 (off) or a number of training examples > 0',
+  )
   check(
       c.optim.schedule in ('cosine', 'multistep', 'constant'),
       'optim.schedule',

@@ -21,7 +21,8 @@ SPLITS = ('test', 'train')
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a run was trained with (`<workdir>/config.json`, written by `train.run`)."""
+  """The run's config (`<workdir>/config.json`, written by `train.run`: the config in effect, with
+  any accepted change recorded in `config_changes.jsonl`, see mcl_jax.workdir)."""
   workdir_lib.require(workdir, workdir_lib.CONFIG_NAME)  # WorkdirError naming what is missing
   path = os.path.join(workdir, workdir_lib.CONFIG_NAME)
   plugins.load(workdir)  # the user methods / models / data sets the run was trained with

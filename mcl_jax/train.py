@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mcl_jax import autotune
 from mcl_jax import checkpoint as ckpt_lib
 from mcl_jax import cohort as cohort_lib
 from mcl_jax import config_lib, data, methods, optim, plugins, sharding, step as step_lib
@@ -63,10 +64,12 @@ def schedule_lengths(config, num_train_examples: int) -> tuple[int, int]:
 def upgrade_saved_config(saved: dict) -> dict:
   """A config.json written by an earlier version, in today's keys: the flat `method` section of
   every method becomes the selected method's own keys (`methods.upgrade`); keys the data source
-  now owns (`data.crop_padding`, `data.flip`) are dropped."""
+  now owns (`data.crop_padding`, `data.flip`) are dropped; `data.train_eval_examples`, added
+  later, is 0 (off) where it is missing."""
   saved = dict(saved)
   saved['method'] = methods.upgrade(saved['method'])
   saved['data'] = {k: v for k, v in saved['data'].items() if k not in ('crop_padding', 'flip')}
+  saved['data'].setdefault('train_eval_examples', 0)
   return saved
 
 
@@ -98,6 +101,11 @@ def validate(config, num_devices: int | None = None) -> None:
     num_train = info.num_train_examples
     if config.data.train_examples > 0:
       num_train = min(num_train, config.data.train_examples)
+    if config.data.get('train_eval_examples', 0) and data.get(config.data.name).streamed:
+      found.append(
+          f'data.train_eval_examples={config.data.train_eval_examples}: evaluating on the '
+          f'training set needs an in-memory data source; {config.data.name} is streamed (set 0).'
+      )
     try:
       run = run_info(config, num_train, info.num_classes)
     except config_lib.ConfigError as e:
@@ -121,6 +129,7 @@ class Experiment:
     self.config = config
     self.train_data, self.test_data = data.load_splits(config, workdir)
     self.streaming = isinstance(self.train_data, data.StreamedSplit)
+    self.train_eval_data = train_eval_split(self.train_data, config.data.get('train_eval_examples', 0))
     self.steps_per_epoch, self.total_steps = schedule_lengths(config, len(self.train_data.labels))
     self.cohort = cohort_lib.build_cohort(config.model, config.cohort, self.train_data.num_classes)
     self.method = methods.build(
@@ -155,38 +164,8 @@ class Experiment:
     self.batch_sharding = sharding.batch_sharding(self.mesh)
     self.replicated = sharding.replicated(self.mesh)
 
-    options = step_lib.compiler_options(enabled=config.xla_cpu_fast_path)
-    self.train_step = jax.jit(
-        step_lib.make_train_step(
-            self.cohort, self.method, self.tx, self.schedule, self.aug, config.seed
-        ),
-        in_shardings=(self.state_sharding, self.batch_sharding, self.replicated),
-        out_shardings=(self.state_sharding, self.replicated),
-        donate_argnums=0,
-        compiler_options=options,
-    )
+    self.compiler_options = step_lib.compiler_options(enabled=config.xla_cpu_fast_path)
     self.frozen = jax.device_put(self.method.load_frozen(config), self.replicated)
-    self.meta_step = None
-    if self.method.meta_every_steps > 0:
-      self.meta_step = jax.jit(
-          step_lib.make_meta_step(
-              self.cohort,
-              self.method,
-              self.schedule,
-              self.aug,
-              config.seed,
-              wd_mask=config.optim.wd_mask,
-          ),
-          in_shardings=(self.state_sharding, self.batch_sharding, self.replicated),
-          out_shardings=self.state_sharding,
-          donate_argnums=0,
-          compiler_options=options,
-      )
-    self.eval_step = jax.jit(
-        step_lib.make_eval_step(self.cohort, self.aug),
-        out_shardings=self.replicated,
-        compiler_options=options,
-    )
     self._take = jax.jit(
         lambda images, labels, idx: {'image': images[idx], 'label': labels[idx], 'index': idx},
         out_shardings=self.batch_sharding,
@@ -204,6 +183,59 @@ class Experiment:
     )
     self._train_images = self._train_labels = None
     self._stream, self._stream_step = None, None
+
+    # The cohort strategy: `auto` / `autotune` are resolved from this run's record, the machine
+    # cache or a measurement (mcl_jax/autotune.py; None: an explicit strategy).
+    self.tuning, tuned_steps = autotune.choose(
+        config,
+        key=autotune.tuning_key(
+            config, self.mesh, self.train_data.image_shape, self.compiler_options
+        ),
+        workdir=workdir,
+        build_step=lambda strategy: self.jit_train_step(
+            dataclasses.replace(self.cohort, strategy=strategy)
+        ),
+        make_state=self.init_state,
+        batch=lambda: self.batch(0),
+        frozen=self.frozen,
+    )
+    self._stream, self._stream_step = None, None  # a stream started by the measurement restarts
+    if self.tuning is not None:
+      self.cohort = dataclasses.replace(self.cohort, strategy=self.tuning.strategy)
+    self.train_step = tuned_steps.get(self.cohort.strategy) or self.jit_train_step(self.cohort)
+    self.meta_step = None
+    if self.method.meta_every_steps > 0:
+      self.meta_step = jax.jit(
+          step_lib.make_meta_step(
+              self.cohort,
+              self.method,
+              self.schedule,
+              self.aug,
+              config.seed,
+              wd_mask=config.optim.wd_mask,
+          ),
+          in_shardings=(self.state_sharding, self.batch_sharding, self.replicated),
+          out_shardings=self.state_sharding,
+          donate_argnums=0,
+          compiler_options=self.compiler_options,
+      )
+    self.eval_step = jax.jit(
+        step_lib.make_eval_step(self.cohort, self.aug),
+        out_shardings=self.replicated,
+        compiler_options=self.compiler_options,
+    )
+
+  def jit_train_step(self, cohort):
+    """The run's jitted (donated, sharded) train step, applying the peers as `cohort` says."""
+    return jax.jit(
+        step_lib.make_train_step(
+            cohort, self.method, self.tx, self.schedule, self.aug, self.config.seed
+        ),
+        in_shardings=(self.state_sharding, self.batch_sharding, self.replicated),
+        out_shardings=(self.state_sharding, self.replicated),
+        donate_argnums=0,
+        compiler_options=self.compiler_options,
+    )
 
   def init_state(self):
     """A fresh state created directly in its sharding (never materialised on one device)."""
@@ -277,6 +309,26 @@ class Experiment:
     out['eval/ensemble/top1'] = totals['ensemble_top1'] / n
     out['eval/best_peer/top1'] = float(np.max(totals['top1'])) / n
     return {k: float(v) for k, v in out.items()}
+
+  def evaluate_all(self, state) -> dict:
+    """`evaluate` on the test set, plus the same on the training images as `train_eval/*` when
+    `data.train_eval_examples` asks for it (eval mode, no augmentation)."""
+    out = self.evaluate(state)
+    if self.train_eval_data is not None:
+      train = self.evaluate(state, self.train_eval_data)
+      out.update({'train_' + k: v for k, v in train.items()})  # eval/... -> train_eval/...
+    return out
+
+
+def train_eval_split(train, count: int):
+  """The training images `data.train_eval_examples` evaluates (None when 0): all of them (-1) or
+  a fixed, seed-independent `count` of them."""
+  if not count or isinstance(train, data.StreamedSplit):
+    return None
+  if count < 0 or count >= len(train.labels):
+    return train
+  keep = np.sort(np.random.default_rng(1).permutation(len(train.labels))[:count])
+  return dataclasses.replace(train, images=train.images[keep], labels=train.labels[keep])
 
 
 def _check_finite(
@@ -425,12 +477,14 @@ def _run(config, workdir, stop, stop_after_steps, allow_config_change, cleanup):
     return _last_logged_eval(workdir)
   if start_step:
     print(f'mcl_jax: resumed from step {start_step} (of {total}) in {workdir}', flush=True)
+  autotune.record(workdir, exp.tuning)  # <workdir>/autotune.json: the strategy and why
   eval_every = config.eval_every_steps if config.eval_every_steps > 0 else spe
   writer = MetricWriter(workdir, resume_step=start_step, enabled=is_main)
   progress = Progress(total, config.batch_size, start_step)
   print(
       f'mcl_jax: {exp.cohort.num_peers} peers {run_identity(config)["archs"]}, method '
-      f'{config.method.name}, strategy {exp.cohort.strategy}, {total} steps '
+      f'{config.method.name}, strategy {exp.cohort.strategy}'
+      f'{f" ({exp.tuning.source})" if exp.tuning else ""}, {total} steps '
       f'({spe}/epoch), batch {config.batch_size}, {_describe_mesh(exp.mesh)}',
       flush=True,
   )
@@ -474,7 +528,7 @@ def _run(config, workdir, stop, stop_after_steps, allow_config_change, cleanup):
       scalars.update(progress.update(done))
     pending, pending_from = [], done
     if eval_now:
-      last_eval = exp.evaluate(state)
+      last_eval = exp.evaluate_all(state)
       scalars.update(last_eval)
       scalars['epoch'] = done / spe
     if scalars:

@@ -47,6 +47,7 @@ FREE_KEYS = (
     'keep_checkpoints',
     'data.data_dir',
     'data.eval_batch_size',
+    'data.train_eval_examples',
 )
 
 _ABSENT = '<absent>'

@@ -759,6 +759,100 @@ def test_layer_mcl_single_stage_relates_to_mcl(num_peers):
     assert float(layer[0]) > 0 and float(layer[3]) > 0
 
 
+# The L-MCL authors' CIFAR loss (losses/cifar_sup_layer_mcl_meta_loss.py: SupMCL, Sup_MCL_Loss_Meta,
+# KLDiv; models/meta_network.py: LossWeightNetwork) transcribed line by line into NumPy, with its
+# own masks and reductions (a mean over ALL anchors, weights as a [B, 1] column), independent of
+# the references above (results/lmcl_investigation.md).
+def authors_kl(y_s, y_t, w, T):
+  log_p_s = np.stack([np_log_softmax(r) for r in y_s / T])
+  log_p_t = np.stack([np_log_softmax(r) for r in y_t / T])
+  return T**2 * np.sum(w * np.exp(log_p_t) * (log_p_t - log_p_s)) / y_t.shape[0]
+
+
+def authors_sup_mcl(ea, eb, labels, w, tau, T):
+  eye = np.eye(len(labels))
+  intra_mask = (labels[None, :] == labels[:, None]).astype(float) - eye
+  diag_mask = 1.0 - eye
+
+  def contrast(logit):
+    log_prob = logit - np.log(np.sum(np.exp(logit) * diag_mask, axis=1, keepdims=True))
+    return -np.mean(np.sum(intra_mask * log_prob * w, axis=1) / np.sum(intra_mask, axis=1))
+
+  ij, ji = ea @ eb.T / tau, eb @ ea.T / tau
+  soft_icl = authors_kl(ij, ji, w, T) + authors_kl(ji, ij, w, T)
+  icl = contrast(ij) + contrast(ji)
+  aa, bb = ea @ ea.T / tau, eb @ eb.T / tau
+  soft_vcl = authors_kl(aa, bb, w, T) + authors_kl(bb, aa, w, T)
+  vcl = contrast(aa) + contrast(bb)
+  return np.array([vcl, soft_vcl, icl, soft_icl])
+
+
+def authors_loss_weights(proj):
+  """LossWeightNetwork.forward after its projections: a list of [B] weights."""
+  unit = proj / np.linalg.norm(proj, axis=-1, keepdims=True)
+  num_peers, num_stages = proj.shape[:2]
+  weights = []
+  for i in range(num_peers):
+    for j in range(num_peers):
+      if i == j:
+        continue
+      for k in range(num_stages):
+        for z in range(num_stages):
+          weights.append(1 / (1 + np.exp(-np.sum(unit[i, k] * unit[j, z], axis=-1))))
+  return weights
+
+
+def authors_layer_loss(emb, labels, weights, tau, T):
+  """Sup_MCL_Loss_Meta.forward after the embedding heads: plain sums over the combinations."""
+  num_peers, num_stages = emb.shape[:2]
+  total, count = np.zeros(4), 0
+  for i in range(num_peers):
+    for j in range(num_peers):
+      if i == j:
+        continue
+      for k in range(num_stages):
+        for z in range(num_stages):
+          weight = weights[count][:, None]
+          total += authors_sup_mcl(emb[i, k], emb[j, z], labels, weight, tau, T)
+          count += 1
+  return total
+
+
+@pytest.mark.parametrize('num_peers,num_stages', [(2, 3), (3, 2)])
+def test_layer_mcl_equals_the_authors_sums(num_peers, num_stages):
+  """layer_match_weights + layer_mcl_loss give the authors' numbers (class-balanced labels: every
+  anchor has a positive, as with their sampler), and the totals are SUMS with the multiplicities
+  the authors' loop gives: each (peer, stage) VCL counted 2(K-1)S times, each cross-peer (node,
+  node) ICL twice; K = 2, S = 3: 36 SupCon terms in VCL and in ICL where MCL has 2."""
+  rng = np.random.default_rng(21)
+  batch, dim, tau = 8, 5, 0.1
+  labels = rng.permutation(np.arange(batch) // 2)
+  emb = np_normalize(rng.normal(size=(num_peers, num_stages, batch, dim)))
+  proj = rng.normal(size=(num_peers, num_stages, batch, 6))
+  weights = authors_loss_weights(proj)
+  expected = authors_layer_loss(emb, labels, weights, tau, T)
+  with jax.enable_x64(True):
+
+    def library(emb, proj, unit_weights):
+      w = losses.layer_match_weights(proj)
+      return losses.layer_mcl_loss(emb, labels, w, tau, T), losses.layer_mcl_loss(
+          emb, labels, unit_weights, tau, T
+      )
+
+    ones = np.ones((num_peers * (num_peers - 1) * num_stages**2, batch))
+    got, unit = jit_call(library, emb, proj, ones)
+    assert_close(got, tuple(expected))
+    assert_close(unit, tuple(authors_layer_loss(emb, labels, list(ones), tau, T)))
+  pos, denom = ref_masks(labels)
+  nodes = [(k, s) for k in range(num_peers) for s in range(num_stages)]
+  vcl_nodes = sum(ref_supcon(emb[u] @ emb[u].T / tau, pos, denom) for u in nodes)
+  icl_pairs = sum(
+      ref_supcon(emb[u] @ emb[v].T / tau, pos, denom) for u in nodes for v in nodes if u[0] != v[0]
+  )
+  np.testing.assert_allclose(float(unit[0]), 2 * (num_peers - 1) * num_stages * vcl_nodes)
+  np.testing.assert_allclose(float(unit[2]), 2 * icl_pairs)
+
+
 # ------------------------------------------------------------------------------------------------
 # L-MCL with memory banks (ImageNet, docs/methods.md#l-mcl-memory-bank).
 # ------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ heterogeneous cohort, and a smoke training run with the meta step."""
 
 import json
 import os
+import types
 
 import chex
 import jax
@@ -406,7 +407,9 @@ def test_method_terms_match_references_on_heterogeneous_cohort():
   )
 
   c = config.method
-  expected = dict(zip(('vcl', 'soft_vcl', 'icl', 'soft_icl'), pair), ce=ce, ce_agg=ce_agg, kd=kd)
+  expected = dict(
+      zip(('vcl', 'soft_vcl', 'icl', 'soft_icl'), pair), ce=ce, ce_agg=ce_agg, kd=kd, mean_w=w.mean()
+  )
   assert set(terms) == set(expected)
   for name, value in expected.items():
     np.testing.assert_allclose(terms[name], value, rtol=2e-4, err_msg=name)
@@ -437,6 +440,108 @@ def test_unit_weights_recover_plain_pair_terms():
       losses.soft_icl_loss(emb, tau, T),
   )
   np.testing.assert_allclose(got, 2 * np.asarray(plain), rtol=1e-5)
+
+
+def lmcl_pieces(**overrides):
+  """A ResNet-8 x 2 L-MCL cohort on 8 tiny images (4 classes x 2), the same parameters for
+  every `overrides`; returns what the switch tests compare."""
+  config = config_lib.base_config()
+  config.model.arch, config.cohort.num_peers = 'resnet8', 2
+  config.method = methods.config('lmcl', embed_dim=16, **overrides)
+  cohort = cohort_lib.build_cohort(config.model, config.cohort, num_classes=4)
+  method = methods.build(config.method)
+  images = jax.random.normal(jax.random.key(1), (8, 8, 8, 3))
+  labels = jnp.asarray(np.arange(8) // 2)
+  peer_params, peer_stats = jax.jit(cohort.init)(jax.random.key(0), images[:1])
+  params, state = jax.jit(lambda k: method.init(k, cohort, np.asarray(labels)))(jax.random.key(2))
+  ctx = LossContext(rng=None, step=jnp.zeros((), jnp.int32), peer_params=peer_params, cohort=cohort)
+  train_state = types.SimpleNamespace(
+      params={'peers': peer_params, 'method': params}, method_state=state, batch_stats=peer_stats
+  )
+  batch = {'image': images, 'label': labels}
+
+  @jax.jit
+  def run(params, state):
+    outputs, _ = cohort.apply(peer_params, peer_stats, images, train=True)
+    total, terms, _ = method.loss(params, state, outputs, batch, ctx)
+    stages, _ = method.stages(cohort, params['branches'], state['batch_stats'], outputs, train=True)
+    theta0, inner, outer = method.meta_objectives(train_state, batch, cohort)
+    phi_grad = jax.grad(lambda phi: inner(theta0, phi))(state['phi'])
+    return dict(
+        total=total,
+        terms=terms,
+        logits=stages.logits,
+        emb=method.embeddings(params['heads'], stages),
+        phi_weights=method.match_weights(state['phi'], stages),
+        inner=inner(theta0, state['phi']),
+        outer=outer(theta0),
+        phi_grad=phi_grad,
+    )
+
+  return method, run(params, state), labels
+
+
+def test_lmcl_ablation_switches():
+  """meta_learned_weights=False: every layer weight is 1, no meta step, no path to phi;
+  stage_pairs='diagonal': only the s == t combinations (with phi's weights); branch_ce=False: the
+  CE of the final stage only, in the step and in the meta step's outer objective. Everything
+  else as the default method (docs/methods.md#l-mcl-ablation-switches)."""
+  tau, T = 0.1, 3.0
+  default, ref, labels = lmcl_pieces()
+  emb, w = np.asarray(ref['emb'], np.float64), np.asarray(ref['phi_weights'], np.float64)
+  K, S = emb.shape[:2]
+  combos = [(i, j, s, t) for i in range(K) for j in range(K) if j != i for s in range(S) for t in range(S)]
+
+  def pair_sum(weight_of, keep=lambda s, t: True):
+    pair_terms = jax.jit(losses.pair_mcl_terms, static_argnums=(4, 5))
+    return np.sum(
+        [
+            np.asarray(pair_terms(emb[i, s], emb[j, t], labels, weight_of(n), tau, T))
+            for n, (i, j, s, t) in enumerate(combos)
+            if keep(s, t)
+        ],
+        axis=0,
+    )
+
+  def contrastive(terms):
+    return 0.1 * terms[0] + 1.0 * terms[1] + 0.1 * terms[2] + 1.0 * terms[3]
+
+  names = ('vcl', 'soft_vcl', 'icl', 'soft_icl')
+  assert default.meta_every_steps == 50
+  np.testing.assert_allclose([ref['terms'][n] for n in names], pair_sum(lambda n: w[n]), rtol=2e-4)
+  np.testing.assert_allclose(ref['terms']['mean_w'], w.mean(), rtol=1e-6)
+  assert 0.269 < w.min() and w.max() < 0.731
+  np.testing.assert_allclose(ref['outer'], losses.ce_loss(ref['logits'], labels), rtol=1e-6)
+  assert any(np.any(g != 0) for g in jax.tree.leaves(ref['phi_grad']))
+
+  fixed, got, _ = lmcl_pieces(meta_learned_weights=False)
+  assert fixed.meta_every_steps == 0  # the loop never runs a meta step
+  expected = pair_sum(lambda n: np.ones(8))
+  np.testing.assert_allclose([got['terms'][n] for n in names], expected, rtol=2e-4)
+  np.testing.assert_allclose(got['terms']['mean_w'], 1.0)
+  np.testing.assert_allclose(got['inner'], contrastive(expected), rtol=2e-4)
+  assert all(np.all(g == 0) for g in jax.tree.leaves(got['phi_grad']))
+
+  _, got, _ = lmcl_pieces(stage_pairs='diagonal')
+  diagonal = lambda s, t: s == t  # noqa: E731
+  expected = pair_sum(lambda n: w[n], diagonal)
+  np.testing.assert_allclose([got['terms'][n] for n in names], expected, rtol=2e-4)
+  on_diagonal = [n for n, (_, _, s, t) in enumerate(combos) if s == t]
+  np.testing.assert_allclose(got['terms']['mean_w'], w[on_diagonal].mean(), rtol=1e-6)
+  np.testing.assert_allclose(got['inner'], contrastive(expected), rtol=2e-4)
+
+  _, got, _ = lmcl_pieces(branch_ce=False)
+  final_ce = losses.ce_loss(ref['logits'][:, -1:], labels)
+  np.testing.assert_allclose(got['terms']['ce'], final_ce, rtol=1e-6)
+  np.testing.assert_allclose(got['outer'], final_ce, rtol=1e-6)
+  for name in names + ('ce_agg', 'kd', 'mean_w'):
+    np.testing.assert_allclose(got['terms'][name], ref['terms'][name], rtol=1e-6, err_msg=name)
+  np.testing.assert_allclose(
+      got['total'], ref['total'] - ref['terms']['ce'] + final_ce, rtol=1e-6
+  )
+
+  with pytest.raises(config_lib.ConfigError, match='stage_pairs'):
+    methods.build(methods.config('lmcl', stage_pairs='upper'))
 
 
 def test_lmcl_rejects_single_peer_and_multi_branch_models():

@@ -61,12 +61,13 @@ def config(name: str, **overrides) -> ml_collections.ConfigDict:
 def upgrade(section: dict) -> dict:
   """A `method` section as this version writes it. Configs saved before each method owned its
   keys held one flat set of keys for every method (`alpha` ... meant other things for the
-  distillation methods): they become the method's own keys, renamed per `Method.legacy_names`."""
+  distillation methods): they become the method's own keys, renamed per `Method.legacy_names`.
+  Keys a method gained later are added at their defaults (the behaviour the run was trained with)."""
   if section.get('name') not in _REGISTRY:
     return dict(section)
   cls = get(section['name'])
   if set(section) - {'name'} <= set(cls.hparams):
-    return dict(section)
+    return {**{k: h.default for k, h in cls.hparams.items() if k not in section}, **section}
   out = {'name': section['name']}
   for key, hparam in cls.hparams.items():
     out[key] = section.get(key, section.get(cls.legacy_names.get(key, key), hparam.default))

@@ -34,6 +34,7 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mcl_jax import cohort as cohort_lib
 from mcl_jax import heads, losses, meta, models, optim
@@ -110,6 +111,18 @@ class LMCL(Method):
           lambda v: v >= 0,
           'must be >= 0',
       ),
+      # Ablations (docs/methods.md#l-mcl-ablation-switches); the defaults are the authors' method.
+      'meta_learned_weights': base.flag(
+          True, 'layer weights from the meta-learned phi (False: all 1, no meta step)'
+      ),
+      'branch_ce': base.flag(
+          True, "CE on every stage's logits (False: the final stage only, also in the meta step)"
+      ),
+      'stage_pairs': base.HParam(
+          'all',
+          'stage pairs (s, t) contrasted between two peers: all S^2, or the diagonal s == t',
+          choices=('all', 'diagonal'),
+      ),
   }
 
   @classmethod
@@ -156,8 +169,8 @@ class LMCL(Method):
     return not self.config.memory_bank
 
   @property
-  def meta_every_steps(self):
-    return self.config.meta_every_steps
+  def meta_every_steps(self):  # fixed layer weights: nothing to meta-learn
+    return self.config.meta_every_steps if self.config.get('meta_learned_weights', True) else 0
 
   @property
   def head(self):
@@ -253,6 +266,33 @@ class LMCL(Method):
     proj = [_apply_peer_stage(nn.Dense(MATCH_DIM), p, f) for p, f in zip(phi, stages.features)]
     return losses.layer_match_weights(jnp.concatenate(proj, axis=0))
 
+  def layer_weights(self, phi, stages: Stages):
+    """The weights the contrastive terms use, `[K(K-1)S^2, B]`: phi's (`match_weights`) or all 1
+    (`meta_learned_weights=False`), zero off the stage diagonal with `stage_pairs='diagonal'`."""
+    c = self.config
+    num_peers, num_stages, batch = stages.logits.shape[:3]
+    if c.get('meta_learned_weights', True):
+      weights = self.match_weights(phi, stages)
+    else:
+      weights = jnp.ones((num_peers * (num_peers - 1) * num_stages**2, batch), jnp.float32)
+    if c.get('stage_pairs', 'all') == 'diagonal':
+      diagonal = np.eye(num_stages, dtype=np.float32)[None, None, :, :, None]
+      weights = (weights.reshape(num_peers, num_peers - 1, num_stages, num_stages, batch) * diagonal)
+      weights = weights.reshape(-1, batch)
+    return weights
+
+  def mean_weight(self, weights, num_stages: int):
+    """Mean layer weight over the contrasted combinations and samples (logged as `mean_w`)."""
+    combos = weights.shape[0]
+    if self.config.get('stage_pairs', 'all') == 'diagonal':
+      combos //= num_stages  # s == t only
+    return jnp.sum(weights) / (combos * weights.shape[1])
+
+  def classified_logits(self, stages: Stages):
+    """The stage logits the CE terms see `[K, S or 1, B, C]`: every stage, or with
+    `branch_ce=False` the final one only."""
+    return stages.logits if self.config.get('branch_ce', True) else stages.logits[:, -1:]
+
   def embeddings(self, head_params, stages: Stages):
     """`[K, S, B, D]` L2-normalised embeddings e_{k,s}."""
     return jnp.concatenate(
@@ -313,19 +353,20 @@ class LMCL(Method):
     stages, new_stats = self.stages(
         ctx.cohort, params['branches'], state['batch_stats'], outputs, train=True
     )
-    weights = jax.lax.stop_gradient(self.match_weights(state['phi'], stages))
+    weights = jax.lax.stop_gradient(self.layer_weights(state['phi'], stages))
     contrast_idx = self.contrast_indices(state, batch, ctx.rng)
     terms, emb = self.contrastive_terms(
         params['heads'], stages, labels, weights, state.get('memory'), contrast_idx
     )
     aggregated = self.aggregate(params['aggregator'], stages)
     final = stages.logits[:, -1]
-    terms['ce'] = losses.ce_loss(stages.logits, labels)  # every stage of every peer
+    terms['ce'] = losses.ce_loss(self.classified_logits(stages), labels)  # all peers, stages
     terms['ce_agg'] = losses.ce_loss(aggregated, labels)
     # sum_i sum_j KL_T(final_i || sg a_j), i == j included (soft_kl stops the target's gradient).
     kl_grid = jax.vmap(jax.vmap(losses.soft_kl, (None, 0, None)), (0, None, None))
     terms['kd'] = jnp.sum(kl_grid(final, aggregated, c.kd_T))
     total = terms['ce'] + terms['ce_agg'] + terms['kd'] + self.contrastive_loss(terms)
+    terms['mean_w'] = self.mean_weight(weights, stages.logits.shape[1])  # logged, not a loss
     new_state = {**state, 'batch_stats': new_stats}
     if c.memory_bank:  # with the final-stage embeddings only (docs/methods.md#l-mcl-memory-bank)
       new_state['memory'] = losses.memory_update(
@@ -360,14 +401,14 @@ class LMCL(Method):
 
     def inner_loss(theta, phi):
       stages = stages_of(theta)
-      weights = self.match_weights(phi, stages)  # NOT stop-gradient: the path to phi
+      weights = self.layer_weights(phi, stages)  # NOT stop-gradient: the path to phi
       terms, _ = self.contrastive_terms(
           theta['heads'], stages, labels, weights, method_state.get('memory'), contrast_idx
       )
       return self.contrastive_loss(terms)
 
     def outer_loss(theta):
-      return losses.ce_loss(stages_of(theta).logits, labels)
+      return losses.ce_loss(self.classified_logits(stages_of(theta)), labels)
 
     return theta0, inner_loss, outer_loss
 
