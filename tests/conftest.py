@@ -1,6 +1,13 @@
+import os
+
 import pytest
 
 from support import tiny_config
+
+# No test reads or writes the machine's autotune cache (~/.cache/mcl_jax/autotune.json): `auto`
+# would take a decision cached there. tests/test_autotune.py points it at its own files.
+# Subprocesses inherit this.
+os.environ['MCL_JAX_AUTOTUNE_CACHE'] = ''
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ LAYERS = (
     ),
     ('models and losses', ('mcl_jax.models', 'mcl_jax.losses', 'mcl_jax.heads')),
     ('cohort and methods', ('mcl_jax.cohort', 'mcl_jax.methods', 'mcl_jax.meta', 'mcl_jax.step')),
-    ('loop', ('mcl_jax.train', 'mcl_jax.plugins')),
+    ('loop', ('mcl_jax.train', 'mcl_jax.plugins', 'mcl_jax.autotune')),
     (
         'entry points',
         (

@@ -408,7 +408,11 @@ def test_method_terms_match_references_on_heterogeneous_cohort():
 
   c = config.method
   expected = dict(
-      zip(('vcl', 'soft_vcl', 'icl', 'soft_icl'), pair), ce=ce, ce_agg=ce_agg, kd=kd, mean_w=w.mean()
+      zip(('vcl', 'soft_vcl', 'icl', 'soft_icl'), pair),
+      ce=ce,
+      ce_agg=ce_agg,
+      kd=kd,
+      mean_w=w.mean(),
   )
   assert set(terms) == set(expected)
   for name, value in expected.items():
@@ -490,7 +494,9 @@ def test_lmcl_ablation_switches():
   default, ref, labels = lmcl_pieces()
   emb, w = np.asarray(ref['emb'], np.float64), np.asarray(ref['phi_weights'], np.float64)
   K, S = emb.shape[:2]
-  combos = [(i, j, s, t) for i in range(K) for j in range(K) if j != i for s in range(S) for t in range(S)]
+  combos = [
+      (i, j, s, t) for i in range(K) for j in range(K) if j != i for s in range(S) for t in range(S)
+  ]
 
   def pair_sum(weight_of, keep=lambda s, t: True):
     pair_terms = jax.jit(losses.pair_mcl_terms, static_argnums=(4, 5))
@@ -536,9 +542,7 @@ def test_lmcl_ablation_switches():
   np.testing.assert_allclose(got['outer'], final_ce, rtol=1e-6)
   for name in names + ('ce_agg', 'kd', 'mean_w'):
     np.testing.assert_allclose(got['terms'][name], ref['terms'][name], rtol=1e-6, err_msg=name)
-  np.testing.assert_allclose(
-      got['total'], ref['total'] - ref['terms']['ce'] + final_ce, rtol=1e-6
-  )
+  np.testing.assert_allclose(got['total'], ref['total'] - ref['terms']['ce'] + final_ce, rtol=1e-6)
 
   with pytest.raises(config_lib.ConfigError, match='stage_pairs'):
     methods.build(methods.config('lmcl', stage_pairs='upper'))

@@ -23,8 +23,7 @@ from mcl_jax import augment, checkpoint as ckpt_lib, config_lib, evaluate, expor
 from mcl_jax import step as step_lib
 from mcl_jax.metrics import read_metrics
 
-from support import REPO
-from test_train import reproducible, restore_final_state
+from support import REPO, reproducible, restore_final_state, start_training
 
 TOTAL_STEPS = 12
 MAIN = [
@@ -48,19 +47,9 @@ MAIN = [
 
 def _train_cli(workdir, *, sigterm_after_first_step=False):
   """Runs MAIN on `workdir`; with `sigterm_after_first_step`, SIGTERMs it once a step is done."""
-  proc = subprocess.Popen(
-      MAIN + ['--workdir', workdir],
-      cwd=REPO,
-      text=True,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT,
-  )
-  lines = []
-  for line in proc.stdout:
-    lines.append(line)
-    if sigterm_after_first_step and line.startswith('first step'):
-      proc.send_signal(signal.SIGTERM)
-      break
+  proc, lines = start_training(MAIN + ['--workdir', workdir], REPO)
+  if sigterm_after_first_step:
+    proc.send_signal(signal.SIGTERM)
   out = ''.join(lines) + proc.communicate(timeout=300)[0]
   return proc.returncode, out
 

@@ -9,26 +9,12 @@ import sys
 import chex
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from mcl_jax import checkpoint as ckpt_lib, config_lib, train
-from mcl_jax.metrics import TIMING_METRICS, read_metrics
+from mcl_jax.metrics import read_metrics
 
-from support import REPO
-
-
-def restore_final_state(workdir):
-  manager = ocp.CheckpointManager(
-      os.path.join(workdir, 'checkpoints', 'latest'), item_names=('state', 'meta')
-  )
-  step = manager.latest_step()
-  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  return step, state['state']
-
-
-def reproducible(records):
-  return [{k: v for k, v in r.items() if k not in TIMING_METRICS} for r in records]
+from support import reproducible, restore_final_state, REPO
 
 
 def test_resume_equals_uninterrupted(tmp_path, make_config):

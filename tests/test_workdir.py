@@ -21,8 +21,7 @@ import pytest
 from mcl_jax import cli, train, workdir as workdir_lib
 from mcl_jax.metrics import read_metrics
 
-from support import REPO
-from test_train import reproducible, restore_final_state
+from support import REPO, reproducible, restore_final_state, start_training
 
 SMOKE = 'configs/fashion_mnist_mcl.py:smoke'
 STEPS = 8
@@ -135,18 +134,7 @@ def test_a_held_workdir_is_refused_before_anything_is_built_or_written(
 
 def test_two_concurrent_trainings_one_refused_the_other_as_a_lone_run(finished, tmp_path):
   workdir = str(tmp_path / 'shared')
-  first = subprocess.Popen(
-      MAIN + ['--workdir', workdir],
-      cwd=REPO,
-      text=True,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT,
-  )
-  lines = []
-  for line in first.stdout:
-    lines.append(line)
-    if line.startswith('first step'):
-      break
+  first, lines = start_training(MAIN + ['--workdir', workdir], REPO)
   # Paused mid-run (holding the lock) while the second trainer tries the same workdir.
   first.send_signal(signal.SIGSTOP)
   try:

@@ -1,6 +1,7 @@
 """Helpers shared by the tests and their subprocess scripts (not tests themselves)."""
 
 import os
+import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -32,3 +33,33 @@ def tiny_config(**overrides):
       node = node[p]
     node[leaf] = value
   return c
+
+
+def restore_final_state(workdir):
+  """(step, state) of the newest checkpoint of a run, as saved (no experiment needed)."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  manager = ocp.CheckpointManager(
+      os.path.join(workdir, 'checkpoints', 'latest'), item_names=('state', 'meta')
+  )
+  step = manager.latest_step()
+  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  return step, state['state']
+
+
+def reproducible(records):
+  """metrics.jsonl rows without the timing scalars (which no two runs share)."""
+  from mcl_jax.metrics import TIMING_METRICS  # pylint: disable=g-import-not-at-top
+
+  return [{k: v for k, v in r.items() if k not in TIMING_METRICS} for r in records]
+
+
+def start_training(cmd, cwd):
+  """Starts a training command; returns (process, output lines up to its first step)."""
+  proc = subprocess.Popen(cmd, cwd=cwd, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  lines = []
+  for line in proc.stdout:
+    lines.append(line)
+    if line.startswith('first step'):
+      break
+  return proc, lines
