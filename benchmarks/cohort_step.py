@@ -21,23 +21,31 @@ import numpy as np
 
 from mcl_jax import cohort as cohort_lib, config_lib, methods, optim, step as step_lib
 
+# CIFAR-shaped on-device augmentation of every benchmark step.
+AUG = config_lib.ml_collections.ConfigDict(
+    dict(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), crop_padding=4, flip=True)
+)
+
+
+def optimizer():
+  """(tx, schedule) of every benchmark step: the default SGD-Nesterov, lr 0.05, cosine."""
+  config = config_lib.base_config()
+  config.optim.lr = 0.05
+  return optim.make_optimizer(config.optim, total_steps=10_000, steps_per_epoch=390)
+
 
 def build_step(arch, peers, method, strategy, batch, fast_path=True, num_classes=100):
   config = config_lib.base_config()
   config.model.arch, config.cohort.num_peers, config.cohort.strategy = arch, peers, strategy
   config.method = methods.config(method)
-  config.optim.lr = 0.05
   cohort = cohort_lib.build_cohort(config.model, config.cohort, num_classes)
   meth = methods.build(config.method)
-  tx, schedule = optim.make_optimizer(config.optim, total_steps=10_000, steps_per_epoch=390)
-  aug = config_lib.ml_collections.ConfigDict(
-      dict(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), crop_padding=4, flip=True)
-  )
+  tx, schedule = optimizer()
   sample = jnp.zeros((1, 32, 32, 3), jnp.float32)
   train_labels = np.arange(50_000, dtype=np.int32) % num_classes
   state = step_lib.create_state(cohort, meth, tx, jax.random.key(0), sample, train_labels)
   train_step = jax.jit(
-      step_lib.make_train_step(cohort, meth, tx, schedule, aug, seed=0),
+      step_lib.make_train_step(cohort, meth, tx, schedule, AUG, seed=0),
       donate_argnums=0,
       compiler_options=step_lib.compiler_options(enabled=fast_path),
   )
@@ -48,6 +56,16 @@ def build_step(arch, peers, method, strategy, batch, fast_path=True, num_classes
       'index': jnp.arange(batch, dtype=jnp.int32),
   }
   return cohort, state, train_step, data
+
+
+def build_meta_step(cohort, method_config, fast_path=True, donate=False):
+  """The jitted meta step (`step.make_meta_step`) of `build_step`'s setup, for the `lmcl`
+  `method_config`; `donate`: as the training loop runs it (the state's buffers reused)."""
+  return jax.jit(
+      step_lib.make_meta_step(cohort, methods.build(method_config), optimizer()[1], AUG, seed=0),
+      donate_argnums=0 if donate else (),
+      compiler_options=step_lib.compiler_options(enabled=fast_path),
+  )
 
 
 def time_step(train_step, state, data, steps: int, warmup: int = 2):

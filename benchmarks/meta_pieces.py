@@ -16,8 +16,8 @@ import time
 
 import jax
 
-from cohort_step import build_step
-from mcl_jax import config_lib, meta, methods, step as step_lib
+from cohort_step import AUG, build_step
+from mcl_jax import meta, methods, step as step_lib
 
 
 def main():
@@ -37,10 +37,7 @@ def main():
   cohort, state, _, data = build_step('resnet8', 2, 'lmcl', 'auto', args.batch, fast_path=fast)
   method_config = methods.config('lmcl')
   method = methods.build(method_config)
-  aug = config_lib.ml_collections.ConfigDict(
-      dict(mean=(0.5,) * 3, std=(0.25,) * 3, crop_padding=4, flip=True)
-  )
-  batch, _ = step_lib.augmented_batch(data, state.step, 0, aug)
+  batch, _ = step_lib.augmented_batch(data, state.step, 0, AUG)
   theta0, inner, outer = method.meta_objectives(state, batch, cohort)
   phi = state.method_state['phi']
   kw = dict(lr=0.05, weight_decay=5e-4, momentum=0.9, inner_steps=2, unroll=not args.rolled)

@@ -19,8 +19,8 @@ import time
 
 import jax
 
-from cohort_step import build_step, time_step
-from mcl_jax import config_lib, meta, methods, optim, step as step_lib
+from cohort_step import AUG, build_meta_step, build_step, optimizer, time_step
+from mcl_jax import config_lib, meta, methods, step as step_lib
 
 
 def time_calls(fn, steps: int):
@@ -55,27 +55,18 @@ def main(argv=None):
   method_config = methods.config('lmcl')
   method = methods.build(method_config)
   default_order = method_config.meta_second_order
-  aug = config_lib.ml_collections.ConfigDict(
-      dict(mean=(0.5,) * 3, std=(0.25,) * 3, crop_padding=4, flip=True)
-  )
-  # The optimizer and schedule of build_step (the same config).
-  optim_config = config_lib.base_config().optim
-  optim_config.lr = 0.05
-  tx, schedule = optim.make_optimizer(optim_config, total_steps=10_000, steps_per_epoch=390)
+  tx, schedule = optimizer()  # those of build_step
   meta_ms_by_order = {}
   for order in sorted(meta.SECOND_ORDER, key=lambda o: o != default_order):
     order_config = config_lib.ml_collections.ConfigDict(method_config)
     order_config.meta_second_order = order
-    meta_step = jax.jit(
-        step_lib.make_meta_step(cohort, methods.build(order_config), schedule, aug, seed=0),
-        compiler_options=options,
-    )
+    meta_step = build_meta_step(cohort, order_config)
     meta_ms_by_order[order] = time_calls(lambda: meta_step(state, data, None), args.steps)
   meta_ms = meta_ms_by_order[default_order]
 
   # The alternative: meta fused into the train step behind lax.cond (here never taken).
-  train_fn = step_lib.make_train_step(cohort, method, tx, schedule, aug, seed=0)
-  meta_fn = step_lib.make_meta_step(cohort, method, schedule, aug, seed=0)
+  train_fn = step_lib.make_train_step(cohort, method, tx, schedule, AUG, seed=0)
+  meta_fn = step_lib.make_meta_step(cohort, method, schedule, AUG, seed=0)
 
   def fused(state, batch):
     state, metrics = train_fn(state, batch, None)
@@ -87,7 +78,7 @@ def main(argv=None):
   fused_ms = time_calls(lambda: fused_step(state, data), args.steps)
 
   # Peak temporary memory of the hyper-gradient with / without remat of each virtual step.
-  batch, _ = step_lib.augmented_batch(data, state.step, 0, aug)
+  batch, _ = step_lib.augmented_batch(data, state.step, 0, AUG)
   theta0, inner, outer = method.meta_objectives(state, batch, cohort)
   temp_mb = {}
   for order in meta.SECOND_ORDER:

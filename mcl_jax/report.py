@@ -4,7 +4,9 @@ Reads each workdir's `config.json` and `metrics.jsonl`, groups runs that differ 
 and prints a Markdown table with, per group, mean ± std over seeds of:
 - best-peer top-1: max over evaluations of the best peer's top-1 (the papers' protocol),
 - final best-peer top-1 and final mean per-peer top-1 (the last evaluation),
-- best and final ensemble (mean logits) top-1.
+- best and final ensemble (mean logits) top-1,
+- when the runs evaluated their training images too (`data.train_eval_examples`), the final mean
+  per-peer top-1 on them (how well the peers fit their training set).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ def run_summary(workdir: str) -> dict:
     raise ValueError(f'{workdir} has no evaluation in metrics.jsonl yet.')
   last = evals[-1]
   peers = sorted(k for k in last if k.startswith('eval/peer_') and k.endswith('/top1'))
+  train_peers = ['train_' + k for k in peers if 'train_' + k in last]
   return {
       'group': describe(config),
       'seed': config['seed'],
@@ -36,6 +39,9 @@ def run_summary(workdir: str) -> dict:
       'final_mean_peer': statistics.mean(last[k] for k in peers),
       'best_ensemble': max(r['eval/ensemble/top1'] for r in evals),
       'final_ensemble': last['eval/ensemble/top1'],
+      'final_train_mean_peer': (
+          statistics.mean(last[k] for k in train_peers) if train_peers else None
+      ),
   }
 
 
@@ -52,7 +58,32 @@ def describe(config: dict) -> str:
     method += f" from {config['teacher']['arch']}"
   if m['name'] == 'crcd':
     method += f" (K = {m['num_negatives']})"
-  return f"{config['data']['name']} · {method} · {cohort}"
+  if m['name'] == 'lmcl':
+    method += _lmcl_variant(m)
+  data_name = config['data']['name']
+  if config['data'].get('train_examples', -1) > 0:  # a subset of the training set
+    data_name += f" ({config['data']['train_examples']} images)"
+  return f'{data_name} · {method} · {cohort}'
+
+
+def _lmcl_variant(m: dict) -> str:
+  """The L-MCL ablation switches, meta frequency and contrastive weights that differ from the
+  defaults."""
+  hparams = methods.get('lmcl').hparams
+  parts = []
+  if not m.get('meta_learned_weights', True):
+    parts.append('fixed w = 1')
+  if not m.get('branch_ce', True):
+    parts.append('no branch CE')
+  if m.get('stage_pairs', 'all') != 'all':
+    parts.append(f"{m['stage_pairs']} stage pairs")
+  every = m.get('meta_every_steps', hparams['meta_every_steps'].default)
+  if m.get('meta_learned_weights', True) and every != hparams['meta_every_steps'].default:
+    parts.append(f'meta step every {every} steps' if every else 'no meta step')
+  weights = {'α': 'alpha', 'γ': 'gamma', 'β': 'beta', 'λ': 'lam'}
+  if any(m.get(key, hparams[key].default) != hparams[key].default for key in weights.values()):
+    parts.append(', '.join(f'{sym} = {m[key]:g}' for sym, key in weights.items()))
+  return f" ({'; '.join(parts)})" if parts else ''
 
 
 def mean_std(values) -> str:
@@ -71,19 +102,31 @@ COLUMNS = [
 ]
 
 
+TRAIN_COLUMN = ('final_train_mean_peer', 'train set, mean peer (final)')
+
+
 def table(workdirs) -> str:
   groups: dict[str, list[dict]] = {}
   for w in workdirs:
     s = run_summary(w)
     groups.setdefault(s['group'], []).append(s)
+  runs_all = [r for runs in groups.values() for r in runs]
+  columns = COLUMNS + (
+      [TRAIN_COLUMN] if any(r['final_train_mean_peer'] is not None for r in runs_all) else []
+  )
   lines = [
-      '| run | seeds | steps | ' + ' | '.join(title for _, title in COLUMNS) + ' |',
-      '|---|---|---|' + '---|' * len(COLUMNS),
+      '| run | seeds | steps | ' + ' | '.join(title for _, title in columns) + ' |',
+      '|---|---|---|' + '---|' * len(columns),
   ]
   for name, runs in groups.items():
     seeds = ','.join(str(r['seed']) for r in sorted(runs, key=lambda r: r['seed']))
     steps = '/'.join(sorted({str(r['step']) for r in runs}))
-    cells = [mean_std([r[key] for r in runs]) for key, _ in COLUMNS]
+    cells = [
+        mean_std([r[key] for r in runs if r[key] is not None])
+        if any(r[key] is not None for r in runs)
+        else '—'
+        for key, _ in columns
+    ]
     lines.append(f'| {name} | {seeds} | {steps} | ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
 

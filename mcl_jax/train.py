@@ -129,7 +129,9 @@ class Experiment:
     self.config = config
     self.train_data, self.test_data = data.load_splits(config, workdir)
     self.streaming = isinstance(self.train_data, data.StreamedSplit)
-    self.train_eval_data = train_eval_split(self.train_data, config.data.get('train_eval_examples', 0))
+    self.train_eval_data = train_eval_split(
+        self.train_data, config.data.get('train_eval_examples', 0)
+    )
     self.steps_per_epoch, self.total_steps = schedule_lengths(config, len(self.train_data.labels))
     self.cohort = cohort_lib.build_cohort(config.model, config.cohort, self.train_data.num_classes)
     self.method = methods.build(

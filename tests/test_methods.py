@@ -215,3 +215,7 @@ def test_saved_flat_method_sections_upgrade_to_the_methods_own_keys():
   old_kd = {'name': 'kd', 'gamma': 0.1, 'alpha': 0.9, 'kd_T': 4.0, 'beta': 0.1, 'tau': 0.1}
   assert methods.upgrade(old_kd) == {'name': 'kd', 'ce_weight': 0.1, 'kd_weight': 0.9, 'kd_T': 4.0}
   assert methods.upgrade(dict(methods.config('mcl'))) == dict(methods.config('mcl'))
+  # A section saved before a method gained keys (L-MCL's ablation switches): at their defaults.
+  lmcl = dict(methods.config('lmcl', alpha=0.2))
+  saved = {k: v for k, v in lmcl.items() if k not in ('branch_ce', 'stage_pairs')}
+  assert methods.upgrade(saved) == lmcl

@@ -63,6 +63,32 @@ def test_group_names_separate_variants():
   okd = report.describe(c.to_dict())
   c.method.dot_weight = c.method.contrast_weight = 0.0
   assert report.describe(c.to_dict()) == okd.replace('mcl_okd', 'mcl_okd (CE only: branches alone)')
+  # L-MCL's ablations and a training subset get their own groups.
+  c.model.arch, c.cohort.num_peers, c.data.train_examples = 'resnet8', 2, 1000
+  c.method = methods.config('lmcl')
+  assert report.describe(c.to_dict()) == 'fashion_mnist (1000 images) · lmcl · resnet8×2'
+  c.method = methods.config('lmcl', meta_learned_weights=False, stage_pairs='diagonal')
+  assert report.describe(c.to_dict()).endswith(
+      '· lmcl (fixed w = 1; diagonal stage pairs) · resnet8×2'
+  )
+  c.method = methods.config('lmcl', meta_every_steps=7)
+  assert '· lmcl (meta step every 7 steps) ·' in report.describe(c.to_dict())
+  c.method = methods.config('lmcl', branch_ce=False, alpha=0.05)
+  assert '· lmcl (no branch CE; α = 0.05, γ = 1, β = 0.1, λ = 1) ·' in report.describe(c.to_dict())
+
+
+def test_train_set_column_only_when_runs_evaluated_their_training_images(tmp_path):
+  dirs = [fake_run(tmp_path, f'a{s}', s, 'mcl', [(0.80, 0.82, 0.83)]) for s in (0, 1)]
+  assert 'train set' not in report.table(dirs)
+  for workdir, fit in zip(dirs, (0.99, 0.97)):
+    with open(os.path.join(workdir, 'metrics.jsonl'), 'a') as f:
+      row = {'step': 9, 'eval/peer_0/top1': 0.8, 'eval/peer_1/top1': 0.8}
+      row.update({'eval/ensemble/top1': 0.8, 'eval/best_peer/top1': 0.8})
+      row.update({'train_eval/peer_0/top1': fit, 'train_eval/peer_1/top1': 1.0})
+      f.write(json.dumps(row) + '\n')
+  header, _, mcl = report.table(dirs).splitlines()
+  assert header.endswith('| train set, mean peer (final) |')
+  assert mcl.endswith('| 99.00 ± 0.71 |')  # mean over peers: 0.995, 0.985
 
 
 def test_metrics_file_exists_from_the_start_and_resume_drops_later_lines(tmp_path):

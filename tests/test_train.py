@@ -18,7 +18,7 @@ from support import reproducible, restore_final_state, REPO
 
 
 def test_resume_equals_uninterrupted(tmp_path, make_config):
-  config = make_config()
+  config = make_config(**{'data.train_eval_examples': 40})  # + 40 training images at each eval
   straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
   train.run(config, straight)
   train.run(config, resumed, stop_after_steps=3)  # as if preempted after step 3
@@ -42,6 +42,9 @@ def test_resume_equals_uninterrupted(tmp_path, make_config):
       'eval/peer_1/top5',
       'eval/ensemble/top1',
       'eval/best_peer/top1',
+      'train_eval/peer_0/top1',
+      'train_eval/peer_1/top5',
+      'train_eval/best_peer/top1',
   ):
     assert name in names, name
   assert os.listdir(os.path.join(straight, 'checkpoints', 'best'))
@@ -51,6 +54,21 @@ def test_resume_equals_uninterrupted(tmp_path, make_config):
   # Running a finished run again does nothing and keeps the results.
   train.run(config, straight)
   assert reproducible(read_metrics(straight)) == reproducible(metrics_a)
+
+
+def test_train_eval_split_is_a_fixed_subset_of_the_training_images(make_config):
+  exp = train.Experiment(make_config(**{'data.train_eval_examples': 40}))  # 128 training images
+  train_data = exp.train_data
+  assert train.train_eval_split(train_data, 0) is None
+  assert train.train_eval_split(train_data, -1) is train_data
+  assert train.train_eval_split(train_data, 500) is train_data
+  subset = exp.train_eval_data
+  assert len(subset.labels) == 40
+  rows = {image.tobytes(): label for image, label in zip(train_data.images, train_data.labels)}
+  assert all(rows[image.tobytes()] == label for image, label in zip(subset.images, subset.labels))
+  np.testing.assert_array_equal(train.train_eval_split(train_data, 40).labels, subset.labels)
+  with pytest.raises(config_lib.ConfigError, match='data.train_eval_examples=-2'):
+    train.validate(make_config(**{'data.train_eval_examples': -2}))
 
 
 def test_train_step_lowers_loss_on_a_fixed_batch(make_config):

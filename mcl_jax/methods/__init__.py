@@ -62,7 +62,8 @@ def upgrade(section: dict) -> dict:
   """A `method` section as this version writes it. Configs saved before each method owned its
   keys held one flat set of keys for every method (`alpha` ... meant other things for the
   distillation methods): they become the method's own keys, renamed per `Method.legacy_names`.
-  Keys a method gained later are added at their defaults (the behaviour the run was trained with)."""
+  Keys a method gained later are added at their defaults (the behaviour the run was trained with).
+  """
   if section.get('name') not in _REGISTRY:
     return dict(section)
   cls = get(section['name'])

@@ -24,6 +24,11 @@ docs/methods.md#l-mcl-memory-bank) also the per-peer memories 'memory' `[K, N, D
 of peer k queries M_k; updated with the final-stage embeddings) and the class index that samples
 their slots.
 Otherwise the contrast is in-batch (CIFAR) with the class-balanced sampler.
+
+Ablation switches (docs/methods.md#l-mcl-ablation-switches; the defaults are the authors' method):
+`meta_learned_weights=False` (layer weights of 1, no meta step), `branch_ce=False` (CE of the final
+stage only, in the step and the meta step's outer objective), `stage_pairs='diagonal'` (only
+stage s of one peer with stage s of another). The step also logs `mean_w`, the mean layer weight.
 """
 
 from __future__ import annotations
@@ -277,7 +282,7 @@ class LMCL(Method):
       weights = jnp.ones((num_peers * (num_peers - 1) * num_stages**2, batch), jnp.float32)
     if c.get('stage_pairs', 'all') == 'diagonal':
       diagonal = np.eye(num_stages, dtype=np.float32)[None, None, :, :, None]
-      weights = (weights.reshape(num_peers, num_peers - 1, num_stages, num_stages, batch) * diagonal)
+      weights = weights.reshape(num_peers, num_peers - 1, num_stages, num_stages, batch) * diagonal
       weights = weights.reshape(-1, batch)
     return weights
 
