@@ -5,7 +5,7 @@ r"""Times the full jitted cohort train step (augment, K forwards, method loss, b
 
 Prints one JSON line with "step_ms_median", "step_ms_min", "compile_s" and the setup. The batch is
 a fixed random CIFAR-shaped batch (32x32x3, 100 classes) so no input pipeline is timed, matching
-the PyTorch step that benchmarks/cpu_suite.sh compares with.
+the PyTorch step that benchmarks/suite.py compares with.
 """
 
 from __future__ import annotations

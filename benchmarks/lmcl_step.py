@@ -24,14 +24,7 @@ import jax
 
 from cohort_step import build_meta_step, build_step, time_step
 from mcl_jax import methods
-
-
-def loadavg() -> list[str]:
-  try:
-    with open('/proc/loadavg') as f:
-      return f.read().split()[:3]
-  except OSError:
-    return []
+from timing import loadavg
 
 
 def main(argv=None):

@@ -5,6 +5,15 @@ import time
 import jax
 
 
+def loadavg() -> list[str]:
+  """The 1, 5 and 15 minute load averages (strings, as /proc/loadavg has them; [] elsewhere)."""
+  try:
+    with open('/proc/loadavg') as f:
+      return f.read().split()[:3]
+  except OSError:
+    return []
+
+
 def warm_up(exp, state, steps: int = 2):
   """Compiles and runs `steps` steps of a `train.Experiment`; returns (state, seconds)."""
   t0 = time.perf_counter()

@@ -29,9 +29,12 @@ VENV_PYTHON="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/.venv/bin/python"
 if [[ -z "${PYTHON:-}" ]]; then
   if [[ -x "$VENV_PYTHON" ]]; then PYTHON=$VENV_PYTHON; else PYTHON=python; fi
 fi
-ENV=()
+# Transparent huge pages for large host allocations: XLA:CPU allocates its step buffers afresh on
+# every step, and without them each step faults every page in again (~30% of a CPU step,
+# docs/performance.md#host-memory-on-cpu). glibc reads this only at process start.
+ENV=(env "GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.hugetlb=1}")
 if [[ "$FAKE" -gt 0 ]]; then
-  ENV=(env JAX_PLATFORMS=cpu "XLA_FLAGS=--xla_force_host_platform_device_count=$FAKE${XLA_FLAGS:+ $XLA_FLAGS}")
+  ENV+=(JAX_PLATFORMS=cpu "XLA_FLAGS=--xla_force_host_platform_device_count=$FAKE${XLA_FLAGS:+ $XLA_FLAGS}")
 fi
 echo "# plan: 1 process on this host, config $CONFIG, workdir $WORKDIR"
 plan "${ENV[@]}" "$PYTHON" -m mcl_jax.main --config "$CONFIG" --workdir "$WORKDIR" "$@"

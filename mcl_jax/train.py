@@ -88,6 +88,54 @@ def run_info(config, num_train_examples: int, num_classes: int) -> methods.RunIn
   )
 
 
+@dataclasses.dataclass(frozen=True)
+class AbstractRun:
+  """What a config trains, built without its data and allocating nothing (shapes from the data
+  set's `dataset_info`): for checks and compile / memory measurements before a run
+  (tests/test_configs.py, benchmarks/compile_memory.py). `train_step` is un-jitted."""
+
+  cohort: cohort_lib.Cohort
+  method: methods.Method
+  train_step: object
+  state: step_lib.TrainState  # of jax.ShapeDtypeStruct
+  batch: dict  # of jax.ShapeDtypeStruct: 'image' uint8, 'label' and 'index' int32
+
+
+def abstract_run(config) -> AbstractRun:
+  info = data.dataset_info(config.data.name)
+  num_train = info.num_train_examples
+  if config.data.train_examples > 0:
+    num_train = min(num_train, config.data.train_examples)
+  run = run_info(config, num_train, info.num_classes)
+  cohort = cohort_lib.build_cohort(config.model, config.cohort, info.num_classes)
+  method = methods.build(config.method, run)
+  tx, schedule = optim.make_optimizer(
+      config.optim, run.total_steps, run.steps_per_epoch, config.batch_size
+  )
+  create = functools.partial(
+      step_lib.create_state,
+      cohort,
+      method,
+      tx,
+      sample_images=jnp.zeros((1,) + tuple(info.image_shape), jnp.float32),
+      train_labels=np.arange(num_train, dtype=np.int32) % info.num_classes,
+  )
+  rows = (config.batch_size,)
+  return AbstractRun(
+      cohort=cohort,
+      method=method,
+      train_step=step_lib.make_train_step(
+          cohort, method, tx, schedule, data.augment_spec(config), config.seed
+      ),
+      state=jax.eval_shape(create, jax.random.key(config.seed)),
+      batch={
+          'image': jax.ShapeDtypeStruct(rows + tuple(info.image_shape), jnp.uint8),
+          'label': jax.ShapeDtypeStruct(rows, jnp.int32),
+          'index': jax.ShapeDtypeStruct(rows, jnp.int32),
+      },
+  )
+
+
 def validate(config, num_devices: int | None = None) -> None:
   """Checks the whole config before anything is created or compiled: every section by its owner
   (config_lib: run, data, optimizer, mesh; cohort: model and cohort; the selected method: its own

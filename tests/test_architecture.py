@@ -25,7 +25,6 @@ LAYERS = (
             'mcl_jax.augment',
             'mcl_jax.cli',  # the one error path of every command
             'mcl_jax.plot',  # curves from metrics.jsonl (the loop draws curves.png at the end)
-            'mcl_jax.host_memory',  # malloc settings for XLA:CPU, applied on import
         ),
     ),
     ('models and losses', ('mcl_jax.models', 'mcl_jax.losses', 'mcl_jax.heads')),

@@ -5,9 +5,10 @@ import glob
 import importlib.util
 import os
 
+import jax
 import pytest
 
-from mcl_jax import config_lib, data, train
+from mcl_jax import config_lib, data, methods, train
 
 from support import REPO
 
@@ -62,3 +63,20 @@ def test_imagenet_configs_have_no_device_crop_or_flip(name):
   aug = data.augment_spec(config)
   assert config.data.name == 'imagenet2012' and data.get(config.data.name).streamed
   assert (aug.crop_padding, aug.flip) == (0, False)
+
+
+@pytest.mark.parametrize('path', CONFIGS, ids=os.path.basename)
+def test_config_builds_its_cohort_state_and_step_abstractly(path):
+  """Every shipped config's cohort, method and whole train state build under `jax.eval_shape`
+  (no data, nothing allocated), and the train step of every config without a teacher traces and
+  lowers (no compile) for its exact shapes. Compile time and compiled peak memory are measured by
+  benchmarks/compile_memory.py (BENCHMARKS.md)."""
+  config = load(path).get_config()
+  run = train.abstract_run(config)
+  assert run.cohort.num_peers == config.cohort.num_peers
+  for group, params in zip(run.cohort.groups, run.state.params['peers']):
+    assert {leaf.shape[0] for leaf in jax.tree.leaves(params)} == {group.num_peers}
+  if type(run.method).load_frozen is not methods.Method.load_frozen:
+    return  # a teacher's variables come from its workdir
+  lowered = jax.jit(run.train_step).lower(run.state, run.batch, None)
+  assert jax.tree.structure(lowered.out_info[0]) == jax.tree.structure(run.state)

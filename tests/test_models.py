@@ -105,7 +105,7 @@ def test_param_count_matches_reference(arch):
     'arch, exact',
     [
         # Both equal the backbone + classifier of the authors'-style PyTorch step that
-        # benchmarks/cpu_suite.sh times.
+        # benchmarks/suite.py times.
         ('resnet32', _cifar_resnet32_params(100)),
         ('wrn_16_2', _wrn_16_2_params(100)),
         (
