@@ -77,7 +77,10 @@ def test_code_cites_only_documents_the_repository_has():
 
 
 def test_nothing_refers_outside_the_repository():
-  pattern = re.compile(r'\.\./shared|shared/specs|specs/[\w-]+\.md')
+  # Built from pieces so that this file does not match its own pattern (a grep of the tree for
+  # references outside the repository stays empty).
+  outside, specs = r'\.\./' + 'shared', 'shared/' + 'specs'
+  pattern = re.compile(outside + '|' + specs + r'|specs/[\w-]+\.md')
   bad = []
   for path in list(source_files()) + MARKDOWN:
     if os.path.abspath(path) == os.path.abspath(__file__):
