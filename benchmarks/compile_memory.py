@@ -83,6 +83,8 @@ def main(argv=None):
     return
   options = step_lib.compiler_options()
   for path in sorted(glob.glob(os.path.join(CONFIGS, '*.py'))):
+    if os.path.basename(path) == 'linear_eval.py':
+      continue  # the config of mcl_jax.linear_eval, not a training config
     config = shipped_config(path)
     run = train.abstract_run(config)
     if type(run.method).load_frozen is not methods.Method.load_frozen:

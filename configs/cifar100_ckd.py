@@ -9,7 +9,8 @@ cosine per epoch to 0.
 Arguments: pair (a key of PAIRS), teacher (the teacher run's workdir), kd (plain KD instead of
 CKD, the "with plain KD" row; CRD's 0.1 CE + 0.9 KD, T = 4), baseline (the student alone), seed,
 smoke. Expected student top-1: UNKNOWN (the paper's tables were not available; never cite
-numbers we do not have). ShuffleV1 and CIFAR ResNet-50 rows are not in the model zoo.
+numbers we do not have).
+`python -m mcl_jax.rows --paper ckd` lists every pair with its teacher's command.
 """
 
 from mcl_jax import config_lib, methods
@@ -23,7 +24,10 @@ PAIRS = {
     'wrn40_2_wrn_16_2': ('wrn_40_2', 'wrn_16_2', 64, 0.05, 100.0, 1.0),
     'wrn40_2_wrn_40_1': ('wrn_40_2', 'wrn_40_1', 32, 0.05, 50.0, 2.0),
     'vgg13_mv2': ('vgg13', 'mobilenetv2', 32, 0.01, 50.0, 2.0),
+    'res50_mv2': ('resnet50_cifar', 'mobilenetv2', 32, 0.01, 100.0, 1.0),
+    'res32x4_shuv1': ('resnet32x4', 'shufflenetv1', 32, 0.01, 100.0, 1.0),
     'res32x4_shuv2': ('resnet32x4', 'shufflenetv2_1_0', 64, 0.01, 100.0, 1.0),
+    'wrn40_2_shuv1': ('wrn_40_2', 'shufflenetv1', 32, 0.01, 100.0, 1.0),
 }
 
 

@@ -1,7 +1,7 @@
 r"""CIFAR-100 CRCD (Zhu et al., CVPR 2021), CRD's pair protocol as in the author's re-implementation
 (docs/methods.md#crcd): `CE + w(t) [0.9 KD_4 + 1.0 (L_rel^feat + L_rel^grad)]`, K = 500,
 T = 0.05, momentum 0.5, F = 128; 250 epochs, batch 64, SGD lr 0.05 (0.01 for MobileNetV2 /
-ShuffleNetV2 students), x0.1 at epochs 150/180/210, wd 5e-4; the last 10 epochs CE only.
+ShuffleNet students), x0.1 at epochs 150/180/210, wd 5e-4; the last 10 epochs CE only.
 
     python -m mcl_jax.main --config configs/cifar100_teacher.py:arch=resnet32x4 --workdir W_T ...
     python -m mcl_jax.main --config configs/cifar100_crcd.py:pair=res32x4_res8x4,teacher=W_T \
@@ -9,7 +9,7 @@ ShuffleNetV2 students), x0.1 at epochs 150/180/210, wd 5e-4; the last 10 epochs 
 
 Arguments: pair (a key of PAIRS), teacher (the teacher run's workdir), seed, smoke.
 Expected student top-1: UNKNOWN (the paper's CIFAR-100 tables were not available); the only
-recovered number is ImageNet ResNet-34 -> ResNet-18 71.96 (not configured here).
+recovered number is ImageNet ResNet-34 -> ResNet-18 71.96 (configs/imagenet_crcd.py).
 """
 
 from mcl_jax import config_lib, methods
@@ -23,7 +23,10 @@ PAIRS = {
     'wrn40_2_wrn_16_2': ('wrn_40_2', 'wrn_16_2', 0.05),
     'wrn40_2_wrn_40_1': ('wrn_40_2', 'wrn_40_1', 0.05),
     'vgg13_mv2': ('vgg13', 'mobilenetv2', 0.01),
+    'res50_mv2': ('resnet50_cifar', 'mobilenetv2', 0.01),
+    'res32x4_shuv1': ('resnet32x4', 'shufflenetv1', 0.01),
     'res32x4_shuv2': ('resnet32x4', 'shufflenetv2_1_0', 0.01),
+    'wrn40_2_shuv1': ('wrn_40_2', 'shufflenetv1', 0.01),
 }
 
 

@@ -10,14 +10,15 @@ One table row per command (data prepared once with
     python -m mcl_jax.main --config configs/cifar100_lmcl.py:arch=resnet32,arch2=resnet110 \
         --workdir workdirs/c100_r32_r110_lmcl --config.data.data_dir=$TFDS_DATA_DIR
 
-Arguments: arch, arch2 (second peer of a heterogeneous pair; empty = homogeneous), meta_grad
+Arguments: arch, arch2 (second peer of a heterogeneous pair; empty = homogeneous), baseline (one
+network of `arch`, CE only, the same recipe: the baseline column), meta_grad
 (exact | official: the authors' hyper-gradient recursion,
 docs/methods.md#l-mcl-hyper-gradient-exact-vs-official), seed, smoke.
 K = 2 peers, S = 3 stages, tau 0.1, T 3, alpha = beta = 0.1, gamma = lam = 1, meta every 50
 steps with 2 inner steps; SGD-Nesterov 0.1, wd 5e-4, batch 128 (64 classes x 2), 300 epochs,
 per-epoch cosine.
 
-Expected best-peer top-1 (the paper's README; the HCGNet rows need models not in mcl_jax.models):
+Expected best-peer top-1 (the paper's README; `python -m mcl_jax.rows --paper lmcl` lists them all):
 | arch(, arch2)         | baseline        | L-MCL           |
 | resnet32              | 70.91           | 75.82           |
 | resnet56              | 73.15           | 77.51           |
@@ -26,6 +27,8 @@ Expected best-peer top-1 (the paper's README; the HCGNet rows need models not in
 | wrn_40_2              | 76.89           | 80.96           |
 | shufflenetv2_0_5      | 67.39           | 72.61           |
 | shufflenetv2_1_0      | 70.93           | 77.25           |
+| hcgnet_a1             | 77.42           | 81.66           |
+| hcgnet_a2             | 79.00           | 83.14           |
 | resnet32, resnet110   | 70.91 & 75.29   | 75.82 & 79.71   |
 | resnet56, resnet110   | 73.15 & 75.29   | 77.04 & 79.56   |
 | wrn_16_2, wrn_40_2    | 72.55 & 76.89   | 76.88 & 80.24   |
@@ -42,7 +45,7 @@ from mcl_jax import config_lib, methods
 
 def get_config(arg=None):
   args = config_lib.parse_arg(
-      arg, arch='resnet32', arch2='', meta_grad='exact', seed=0, smoke=False
+      arg, arch='resnet32', arch2='', baseline=False, meta_grad='exact', seed=0, smoke=False
   )
   c = config_lib.base_config()
   c.seed = args['seed']
@@ -54,9 +57,13 @@ def get_config(arg=None):
   c.method = methods.config(
       'lmcl', tau=0.1, meta_every_steps=50, meta_inner_steps=2, meta_grad=args['meta_grad']
   )
+  if args['baseline']:
+    c.model.archs, c.cohort.num_peers = (), 1
+    c.method = methods.config('independent')
   # The authors' code steps the cosine once per epoch (docs/methods.md#learning-rate-schedule).
   config_lib.set_sgd(
       c, batch_size=128, epochs=300, lr=0.1, weight_decay=5e-4, nesterov=True, schedule='cosine'
   )
-  c.method.meta_weight_decay = c.optim.weight_decay
+  if not args['baseline']:
+    c.method.meta_weight_decay = c.optim.weight_decay
   return config_lib.finish(c, args['smoke'])

@@ -56,7 +56,9 @@ def create_state(cohort, method, tx, rng, sample_images, train_labels) -> TrainS
   """A fresh state. Pure, so it can be run under `jax.eval_shape` or `jax.jit(out_shardings=...)`."""
   peer_rng, method_rng = jax.random.split(rng)
   peer_params, batch_stats = cohort.init(peer_rng, sample_images)
-  method_params, method_state = method.init(method_rng, cohort, train_labels)
+  method_params, method_state = method.init_with_peers(
+      method_rng, cohort, train_labels, (peer_params, batch_stats)
+  )
   params = {'peers': peer_params, 'method': method_params}
   return TrainState(
       step=jnp.zeros((), jnp.int32),
@@ -103,21 +105,33 @@ class LossContext:
   cohort: Any = flax.struct.field(pytree_node=False, default=None)
 
 
-def augmented_batch(batch, step, seed: int, aug):
-  """The step's training view of a raw batch: images augmented on device with the key
-  `fold_in(seed, step)` (so the train and meta steps of one step see the same images) and
-  normalised. Returns (batch with float 'image', method rng)."""
-  step_key = jax.random.fold_in(jax.random.key(seed), step)
-  augment_key, method_key = jax.random.split(step_key)
+def standard_views(batch, rng, aug) -> dict:
+  """{'image': the raw batch's images cropped, flipped and normalised as the data source says}."""
   images = augment.augment_batch(
       batch['image'],
-      augment_key,
+      rng,
       mean=tuple(aug.mean),
       std=tuple(aug.std),
       pad=aug.crop_padding,
       flip=aug.flip,
   )
-  return {**batch, 'image': images}, method_key
+  return {'image': images}
+
+
+def augmented_batch(batch, step, seed: int, aug, method=None):
+  """The step's training view of a raw batch: images augmented on device with the key
+  `fold_in(seed, step)` (so the train and meta steps of one step see the same images) and
+  normalised, by `method.augment` where the method draws its own views, else by
+  `standard_views`. A method that does not use labels gets the batch without 'label'.
+  Returns (batch with float 'image', method rng)."""
+  step_key = jax.random.fold_in(jax.random.key(seed), step)
+  augment_key, method_key = jax.random.split(step_key)
+  if method is not None and not method.uses_labels:
+    batch = {k: v for k, v in batch.items() if k != 'label'}
+  views = None if method is None else method.augment(batch, augment_key, aug)
+  if views is None:
+    views = standard_views(batch, augment_key, aug)
+  return {**batch, **views}, method_key
 
 
 def make_train_step(cohort, method, tx, schedule, aug, seed: int):
@@ -130,12 +144,10 @@ def make_train_step(cohort, method, tx, schedule, aug, seed: int):
   """
 
   def train_step(state: TrainState, batch, frozen=None):
-    batch, method_key = augmented_batch(batch, state.step, seed, aug)
+    batch, method_key = augmented_batch(batch, state.step, seed, aug, method)
 
     def loss_fn(params):
-      outputs, new_batch_stats = cohort.apply(
-          params['peers'], state.batch_stats, batch['image'], train=True
-      )
+      outputs, new_batch_stats = method.forward(cohort, params['peers'], state.batch_stats, batch)
       ctx = LossContext(
           rng=method_key, step=state.step, peer_params=params['peers'], frozen=frozen, cohort=cohort
       )
@@ -174,7 +186,7 @@ def make_meta_step(cohort, method, schedule, aug, seed: int, wd_mask: str = 'all
 
   def meta_step(state: TrainState, batch, frozen=None):
     step = state.step - 1  # the step whose update was just applied
-    batch, method_key = augmented_batch(batch, step, seed, aug)
+    batch, method_key = augmented_batch(batch, step, seed, aug, method)
     ctx = LossContext(
         rng=method_key, step=step, peer_params=state.params['peers'], frozen=frozen, cohort=cohort
     )
@@ -198,17 +210,64 @@ def make_eval_step(cohort, data_config):
   def eval_step(peer_params, batch_stats, batch):
     images = augment.normalize(batch['image'], mean, std)
     outputs, _ = cohort.apply(peer_params, batch_stats, images, train=False)
-    logits = outputs['logits'].astype(jnp.float32)  # [K, B, C]
-    labels, mask = batch['label'], batch['mask'].astype(jnp.int32)
-    top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]  # [K, B, 5]
-    hit5 = jnp.any(top5 == labels[None, :, None], axis=-1)
-    hit1 = jnp.argmax(logits, axis=-1) == labels[None]
-    ensemble_hit1 = jnp.argmax(jnp.mean(logits, axis=0), axis=-1) == labels
-    return {
-        'top1': jnp.sum(hit1 * mask, axis=1),
-        'top5': jnp.sum(hit5 * mask, axis=1),
-        'ensemble_top1': jnp.sum(ensemble_hit1 * mask),
-        'count': jnp.sum(mask),
-    }
+    return eval_counts(outputs['logits'], batch)
+
+  return eval_step
+
+
+def eval_counts(scores, batch) -> dict:
+  """The counts of an eval step from per-peer class scores `[K, B, C]` (the ensemble ranks the
+  mean of the peers' scores); see `make_eval_step`."""
+  scores = scores.astype(jnp.float32)
+  labels, mask = batch['label'], batch['mask'].astype(jnp.int32)
+  top5 = jax.lax.top_k(scores, min(5, scores.shape[-1]))[1]  # [K, B, 5]
+  hit5 = jnp.any(top5 == labels[None, :, None], axis=-1)
+  hit1 = jnp.argmax(scores, axis=-1) == labels[None]
+  ensemble_hit1 = jnp.argmax(jnp.mean(scores, axis=0), axis=-1) == labels
+  return {
+      'top1': jnp.sum(hit1 * mask, axis=1),
+      'top5': jnp.sum(hit5 * mask, axis=1),
+      'ensemble_top1': jnp.sum(ensemble_hit1 * mask),
+      'count': jnp.sum(mask),
+  }
+
+
+def make_feature_step(cohort, data_config):
+  """Returns `feature_step(params, batch_stats, images) -> features`: every peer's pooled
+  backbone feature in eval mode, L2-normalised, per cohort group `[K_g, B, d_g]`; images uint8."""
+  mean, std = tuple(data_config.mean), tuple(data_config.std)
+
+  def feature_step(peer_params, batch_stats, images):
+    outputs, _ = cohort.apply(peer_params, batch_stats, augment.normalize(images, mean, std),
+                              train=False)
+    return tuple(
+        out['feature'] / jnp.linalg.norm(out['feature'], axis=-1, keepdims=True).clip(1e-12)
+        for out in outputs['groups']
+    )
+
+  return feature_step
+
+
+def make_knn_eval_step(cohort, data_config, num_classes: int, k: int, temperature: float):
+  """Returns `eval_step(params, batch_stats, batch, bank) -> counts` as `make_eval_step`, with
+  the class scores of a weighted k-nearest-neighbour classifier in each peer's feature space
+  instead of its classifier (for peers whose classifier is not trained): the k bank features of
+  largest cosine similarity s vote for their labels with weight exp(s / temperature).
+
+  bank: {'features': per cohort group `[K_g, M, d_g]` (from `make_feature_step`, on training
+  images), 'labels': int32 `[M]`}.
+  """
+  feature_step = make_feature_step(cohort, data_config)
+
+  def eval_step(peer_params, batch_stats, batch, bank):
+    features = feature_step(peer_params, batch_stats, batch['image'])
+    similarity = jnp.concatenate(
+        [jnp.einsum('kbd,kmd->kbm', f, b) for f, b in zip(features, bank['features'])], axis=0
+    )  # [K, B, M]
+    top, index = jax.lax.top_k(similarity, min(k, similarity.shape[-1]))
+    votes = jax.nn.one_hot(bank['labels'][index], num_classes) * jnp.exp(top / temperature)[
+        ..., None
+    ]
+    return eval_counts(jnp.sum(votes, axis=2), batch)
 
   return eval_step

@@ -274,6 +274,32 @@ class Experiment:
         out_shardings=self.replicated,
         compiler_options=self.compiler_options,
     )
+    # Methods that do not train the classifiers (self-supervised) are evaluated by k-nearest
+    # neighbours in each peer's feature space, against a bank of training images.
+    self.knn = self.method.knn_eval
+    if self.knn is not None:
+      if self.streaming:
+        raise config_lib.ConfigError(
+            f'Invalid config: the kNN evaluation of method {config.method.name} needs an '
+            f'in-memory data source; {config.data.name} is streamed (set '
+            f'method.knn_bank_examples=0).'
+        )
+      self.knn_bank_data = train_eval_split(self.train_data, self.knn.bank_examples)
+      self.feature_step = jax.jit(
+          step_lib.make_feature_step(self.cohort, self.aug),
+          compiler_options=self.compiler_options,
+      )
+      self.eval_step = jax.jit(
+          step_lib.make_knn_eval_step(
+              self.cohort,
+              self.aug,
+              self.train_data.num_classes,
+              self.knn.k,
+              self.knn.temperature,
+          ),
+          out_shardings=self.replicated,
+          compiler_options=self.compiler_options,
+      )
 
   def jit_train_step(self, cohort):
     """The run's jitted (donated, sharded) train step, applying the peers as `cohort` says."""
@@ -341,14 +367,32 @@ class Experiment:
       }
       yield sharding.host_to_global(batch, self.batch_sharding)
 
-  def evaluate(self, state, dataset=None) -> dict:
-    """Per-peer top-1/top-5, ensemble top-1 and best-peer top-1 on `dataset` (default: test)."""
-    test = self.test_data if dataset is None else dataset
+  def eval_batch_size(self) -> int:
     bs = self.config.data.eval_batch_size
-    bs = max(bs // self.mesh.shape['data'], 1) * self.mesh.shape['data']
+    return max(bs // self.mesh.shape['data'], 1) * self.mesh.shape['data']
+
+  def knn_bank(self, state) -> dict:
+    """The kNN evaluation's bank: features of the bank's training images (eval mode, no
+    augmentation) per cohort group `[K_g, M, d_g]`, and their labels `[M]`."""
+    features, bs = [], self.eval_batch_size()
+    for batch in self.eval_batches(self.knn_bank_data, bs):
+      features.append(self.feature_step(state.params['peers'], state.batch_stats, batch['image']))
+    rows = len(self.knn_bank_data.labels)  # without the last batch's padding
+    return {
+        'features': tuple(jnp.concatenate(group, axis=1)[:, :rows] for group in zip(*features)),
+        'labels': jnp.asarray(self.knn_bank_data.labels, jnp.int32),
+    }
+
+  def evaluate(self, state, dataset=None, knn_bank=None) -> dict:
+    """Per-peer top-1/top-5, ensemble top-1 and best-peer top-1 on `dataset` (default: test);
+    with the kNN evaluation against `knn_bank` (default: computed from `state`)."""
+    test = self.test_data if dataset is None else dataset
+    extra = ()
+    if self.knn is not None:
+      extra = (self.knn_bank(state) if knn_bank is None else knn_bank,)
     totals = None
-    for batch in self.eval_batches(test, bs):
-      counts = self.eval_step(state.params['peers'], state.batch_stats, batch)
+    for batch in self.eval_batches(test, self.eval_batch_size()):
+      counts = self.eval_step(state.params['peers'], state.batch_stats, batch, *extra)
       totals = counts if totals is None else jax.tree.map(jnp.add, totals, counts)
     totals = jax.device_get(totals)
     n = float(totals['count'])
@@ -363,9 +407,10 @@ class Experiment:
   def evaluate_all(self, state) -> dict:
     """`evaluate` on the test set, plus the same on the training images as `train_eval/*` when
     `data.train_eval_examples` asks for it (eval mode, no augmentation)."""
-    out = self.evaluate(state)
+    knn_bank = self.knn_bank(state) if self.knn is not None else None
+    out = self.evaluate(state, knn_bank=knn_bank)
     if self.train_eval_data is not None:
-      train = self.evaluate(state, self.train_eval_data)
+      train = self.evaluate(state, self.train_eval_data, knn_bank=knn_bank)
       out.update({'train_' + k: v for k, v in train.items()})  # eval/... -> train_eval/...
     return out
 

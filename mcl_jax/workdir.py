@@ -113,8 +113,9 @@ def saved_config(workdir: str) -> dict | None:
 class TrainerLock:
   """`<workdir>/trainer.lock`: who trains in `workdir` (see the module docstring)."""
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, flag: str = '--workdir'):
     self.workdir = workdir
+    self.flag = flag  # how the directory was given, for the messages (linear_eval: --out)
     self.path = os.path.join(workdir, LOCK_NAME)
     self._token = None
 
@@ -167,7 +168,7 @@ class TrainerLock:
         )
     raise WorkdirError(
         f'Could not take the lock {self.path}: it keeps changing. Is another trainer starting on '
-        f'--workdir {self.workdir}?'
+        f'{self.flag} {self.workdir}?'
     )
 
   def release(self) -> None:
@@ -266,8 +267,8 @@ class TrainerLock:
           f'preempted), remove {self.path} and run again to resume.'
       )
     return (
-        f'--workdir {self.workdir} is in use by {who}. Two trainers on one workdir would '
-        f'corrupt its checkpoints and metrics. {clear} Or use another --workdir.'
+        f'{self.flag} {self.workdir} is in use by {who}. Two trainers on one workdir would '
+        f'corrupt its checkpoints and metrics. {clear} Or use another {self.flag}.'
     )
 
 

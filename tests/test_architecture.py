@@ -23,6 +23,7 @@ LAYERS = (
             'mcl_jax.metrics',
             'mcl_jax.optim',
             'mcl_jax.augment',
+            'mcl_jax.contrastive_augment',  # MoCo's views (self-supervised MCL)
             'mcl_jax.cli',  # the one error path of every command
             'mcl_jax.plot',  # curves from metrics.jsonl (the loop draws curves.png at the end)
         ),

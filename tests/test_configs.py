@@ -12,7 +12,13 @@ from mcl_jax import config_lib, data, methods, train
 
 from support import REPO
 
-CONFIGS = sorted(glob.glob(os.path.join(REPO, 'configs', '*.py')))
+# Configs of other commands than training, tested with them (tests/test_linear_eval.py).
+OTHER_COMMANDS = ('linear_eval.py',)
+CONFIGS = sorted(
+    p
+    for p in glob.glob(os.path.join(REPO, 'configs', '*.py'))
+    if os.path.basename(p) not in OTHER_COMMANDS
+)
 
 
 def load(path):

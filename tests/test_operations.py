@@ -316,8 +316,8 @@ def test_nan_in_a_batch_stops_the_run_with_the_last_checkpoint_intact(
   poisoned_step = 5  # the 6th update; a checkpoint was written after update 4
   clean = step_lib.augmented_batch
 
-  def augmented_batch_with_nan(batch, step, seed, aug):
-    batch, key = clean(batch, step, seed, aug)
+  def augmented_batch_with_nan(batch, step, seed, aug, method=None):
+    batch, key = clean(batch, step, seed, aug, method)
     return {**batch, 'image': jnp.where(step == poisoned_step, jnp.nan, batch['image'])}, key
 
   monkeypatch.setattr(step_lib, 'augmented_batch', augmented_batch_with_nan)

@@ -18,6 +18,13 @@ from mcl_jax.losses.mcl import (
     supcon_from_logits,
     vcl_loss,
 )
+from mcl_jax.losses.moco import (
+    moco_enqueue,
+    moco_logits,
+    moco_mcl_loss,
+    moco_mcl_terms,
+    moco_pretext_top1,
+)
 from mcl_jax.losses.nce import nce_loss, nce_memory_update, nce_scores
 from mcl_jax.losses.okd import dot_loss, mcl_okd_contrastive_loss
 from mcl_jax.losses.ckd import ckd_loss

@@ -27,6 +27,7 @@ from mcl_jax.methods.crcd import CRCD
 from mcl_jax.methods.lmcl import LMCL
 from mcl_jax.methods.mcl import MCL
 from mcl_jax.methods.mcl_okd import MCLOKD
+from mcl_jax.methods.moco_mcl import MoCoMCL
 from mcl_jax.methods.teacher import KD
 
 _REGISTRY: registry.Registry[type[Method]] = registry.Registry('method', 'method.name')
@@ -101,6 +102,7 @@ for _name, _cls in (
     ('kd', KD),
     ('ckd', CKD),
     ('crcd', CRCD),
+    ('moco_mcl', MoCoMCL),
 ):
   register(_name, _cls)
 
@@ -114,6 +116,7 @@ __all__ = [
     'LMCL',
     'MCL',
     'MCLOKD',
+    'MoCoMCL',
     'Method',
     'PEER',
     'PEER_EXAMPLE',

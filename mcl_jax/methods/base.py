@@ -95,6 +95,16 @@ class RunInfo:
 
 
 @dataclasses.dataclass(frozen=True)
+class KnnEval:
+  """Evaluation by a weighted k-nearest-neighbour classifier in each peer's feature space
+  (`mcl_jax.step.make_knn_eval_step`), for methods that do not train the classifiers."""
+
+  k: int  # neighbours
+  temperature: float  # vote weight exp(cosine similarity / temperature)
+  bank_examples: int  # training images in the bank (-1: all), a fixed seed-independent subset
+
+
+@dataclasses.dataclass(frozen=True)
 class Method:
   """Base class. Subclasses declare `hparams` and override `loss`, and when they have any, `init`,
   `layout`, `validate`, `load_frozen`, `meta_update`."""
@@ -117,6 +127,15 @@ class Method:
 
   # Methods with a meta-optimisation (L-MCL) set this > 0 and implement `meta_update`.
   meta_every_steps = 0
+
+  # False for self-supervised methods: the step removes 'label' from the training batch before
+  # `augment`, `forward` and `loss` see it, so the labels cannot reach the update.
+  uses_labels = True
+
+  @property
+  def knn_eval(self) -> KnnEval | None:
+    """None: the loop evaluates the peers' classifiers; a `KnnEval`: k-nearest neighbours."""
+    return None
 
   @classmethod
   def default_config(cls, name: str, **overrides) -> ml_collections.ConfigDict:
@@ -164,6 +183,26 @@ class Method:
     the training set's labels (memory banks are indexed by example)."""
     del rng, cohort, train_labels
     return {}, {}
+
+  def init_with_peers(self, rng, cohort, train_labels, peer_variables):
+    """`init` for a method whose state starts from the peers' initial variables (MoCo's key
+    encoders are copies of the query encoders): `peer_variables` is `(params, batch_stats)` as
+    `Cohort.init` returns them. The default ignores them and calls `init`."""
+    del peer_variables
+    return self.init(rng, cohort, train_labels)
+
+  def augment(self, batch, rng, aug):
+    """The training view(s) of the raw batch (uint8 'image'), a dict merged into the batch, or
+    None (the default): 'image' augmented as the data source says (`aug`,
+    `mcl_jax.data.augment_spec`; `mcl_jax.step.standard_views`). A method that draws its own
+    views (two per image for MoCo) returns them here."""
+    del batch, rng, aug
+    return None
+
+  def forward(self, cohort, peer_params, batch_stats, batch):
+    """(outputs, new peer batch_stats): what `loss` receives as `outputs`, differentiated w.r.t.
+    `peer_params`. The default applies every peer to `batch['image']` in training mode."""
+    return cohort.apply(peer_params, batch_stats, batch['image'], train=True)
 
   def layout(self, params, state):
     """Where the method's leaves live on the mesh: (tree of PartitionSpecs like `params`, tree

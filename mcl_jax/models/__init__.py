@@ -20,9 +20,11 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mcl_jax import registry
-from mcl_jax.models import cifar_resnet, imagenet_resnet, mobilenet, shufflenet, vgg, wrn
+from mcl_jax.models import cifar_resnet, hcgnet, imagenet_resnet, mobilenet, shufflenet, vgg, wrn
+from mcl_jax.models import densenet, mobilenet_v1, shufflenet_v1
 from mcl_jax.models import okd  # multi-branch nets (MCL-OKD); needs cifar_resnet first
 from mcl_jax.models.cifar_resnet import StagedNet
+from mcl_jax.models.flops import count_macs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,10 +101,21 @@ def get_model(arch: str, num_classes: int, dtype=jnp.float32, *, first_stage: in
   return arch_spec.constructor(num_classes=num_classes, dtype=dtype)
 
 
-for _module in (cifar_resnet, wrn, shufflenet, vgg, mobilenet, imagenet_resnet):
+for _module in (
+    cifar_resnet,
+    wrn,
+    shufflenet,
+    shufflenet_v1,
+    vgg,
+    mobilenet,
+    mobilenet_v1,
+    hcgnet,
+    densenet,
+    imagenet_resnet,
+):
   for _name, _constructor in _module.CONSTRUCTORS.items():
     register(_name, _constructor, stage_tails=True)
 for _name, (_constructor, _branches) in okd.CONSTRUCTORS.items():
   register(_name, _constructor, num_branches=_branches)
 
-__all__ = ['ArchSpec', 'StagedNet', 'get_model', 'names', 'register', 'spec']
+__all__ = ['ArchSpec', 'StagedNet', 'count_macs', 'get_model', 'names', 'register', 'spec']

@@ -1,4 +1,5 @@
-"""CIFAR ResNets (ResNet-8/20/32/56/110, ResNet8x4/32x4) and the building blocks shared by all models.
+"""CIFAR ResNets (ResNet-8/20/32/56/110, ResNet8x4/32x4, CRD's ResNet50) and the building blocks
+shared by all models.
 
 The CIFAR ResNets follow the authors' `models/resnet.py` (winycg/MCL, identical to CRD's): a 3x3 stem,
 three stages of post-activation blocks (strides 1, 2, 2), a projection shortcut (1x1 conv + BN) wherever
@@ -161,6 +162,9 @@ class StagedNet(nn.Module):
   (a fresh copy of the later stages on top of an intermediate feature map) are made; their parameter
   tree is the matching subtree of the full network.
 
+  `end_stage = e > 0` builds stages first_stage..e - 1 only (no pre_pool, pool or classifier) and
+  returns {'stages': (...)} alone: the shared trunk of a multi-branch net (`okd.MultiBranchNet`).
+
   Called as `model.apply(variables, x, train=...)`, it returns a dict:
     'logits':  [B, num_classes] float32
     'feature': [B, feature_dim] float32, the pooled input of the classifier
@@ -175,6 +179,7 @@ class StagedNet(nn.Module):
   dtype: Dtype = jnp.float32
   # Stride of each stage (its first block's); empty means (1, 2, 2, ...), the CIFAR ResNet/WRN rule.
   stage_strides: Sequence[int] = ()
+  end_stage: int = 0  # > 0: the trunk (stages first_stage..end_stage - 1) only
 
   @property
   def feature_dim(self) -> int:
@@ -205,6 +210,11 @@ class StagedNet(nn.Module):
         name=f'stage{i}',
     )
 
+  def make_classifier(self) -> nn.Module:
+    """The classifier, named `classifier` ([B, feature_dim] float32 -> [B, num_classes]), with
+    torch's default `nn.Linear` init; nets whose authors initialise it otherwise override this."""
+    return classifier(self.num_classes, self.feature_dim)
+
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> dict[str, Any]:
     if (
@@ -218,21 +228,28 @@ class StagedNet(nn.Module):
       )
     if not 0 <= self.first_stage < self.num_stages:
       raise ValueError(f'first_stage={self.first_stage} must be in [0, {self.num_stages})')
+    if self.end_stage and not self.first_stage < self.end_stage <= self.num_stages:
+      raise ValueError(
+          f'end_stage={self.end_stage} must be in ({self.first_stage}, {self.num_stages}]'
+      )
     if self.first_stage == 0:
       x = self.stem(x, train)
     stages = []
-    for i in range(self.first_stage, self.num_stages):
+    for i in range(self.first_stage, self.end_stage or self.num_stages):
       x = self.make_stage(i)(x, train=train)
       stages.append(x)
+    if self.end_stage:
+      return {'stages': tuple(stages)}
     x = self.pre_pool(x, train)
     # Pool in float32: a bf16 sum over H*W positions loses precision.
     feature = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-    logits = classifier(self.num_classes, self.feature_dim)(feature)
+    logits = self.make_classifier()(feature)
     return {'logits': logits, 'feature': feature, 'stages': tuple(stages)}
 
 
 class CifarResNet(StagedNet):
-  """CIFAR ResNet: 3x3 conv (`stem_width`) + BN + ReLU stem, then three stages (strides 1, 2, 2).
+  """CIFAR ResNet: 3x3 conv (`stem_width`) + BN + ReLU stem, then three stages (strides 1, 2, 2; CRD's
+  ResNet50, `resnet50_cifar`, has four: 1, 2, 2, 2).
 
   Input [B, H, W, C] at any size (32x32x3 CIFAR, 28x28x1 Fashion-MNIST).
   """
@@ -281,4 +298,14 @@ CONSTRUCTORS = {
     'resnet110': cifar_resnet(110, bottleneck=True),
     'resnet8x4': cifar_resnet(8, **_X4),
     'resnet32x4': cifar_resnet(32, **_X4),
+    # CRD's `models/resnetv2.py` ResNet50 (RepDistiller), the CIFAR teacher of ResNet50 -> MobileNetV2:
+    # torchvision's ResNet-50 stages on a 3x3/1 stem (64 ch, no max-pool); stage strides 1, 2, 2, 2, so
+    # a 32x32 input gives stage maps 32, 16, 8, 4. ('resnet50' is the ImageNet net.)
+    'resnet50_cifar': functools.partial(
+        CifarResNet,
+        stage_sizes=(3, 4, 6, 3),
+        stage_widths=(64, 128, 256, 512),
+        block=Bottleneck,
+        stem_width=64,
+    ),
 }

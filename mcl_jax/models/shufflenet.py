@@ -4,6 +4,8 @@ net with a 1x1 stem).
 3x3 conv stem (24 ch, stride 1, no max-pool: 32x32 inputs), three stages of one downsampling unit plus
 (3, 7, 3) basic units — (4, 8, 4) units, all strides 2 — then a 1x1 conv to 1024 + BN + ReLU, global
 average pooling and Dense(1024 -> C). A 32x32 input gives stage maps 16, 8, 4.
+
+`shufflenetv2_1_0_imagenet` is L-MCL's ImageNet ShuffleNetV2 1x (see `ImageNetShuffleNetV2`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from mcl_jax.models.cifar_resnet import ResidualBlock, StagedNet, batch_norm, conv
-from mcl_jax.models.flexible import depthwise_conv
+from mcl_jax.models.flexible import Dtype, depthwise_conv
 
 
 def channel_shuffle(x: jax.Array, groups: int = 2) -> jax.Array:
@@ -88,10 +90,54 @@ class ShuffleNetV2(StagedNet):
     return nn.relu(batch_norm(train, dtype=self.dtype, name='final_bn')(x))
 
 
+class ImageNetShuffleStem(nn.Module):
+  """ImageNet ShuffleNetV2 stem: 3x3/2 conv + BN + ReLU, 3x3/2 max-pool (padding 1).
+
+  x: [B, H, W, C] -> [B, ceil(H / 4), ceil(W / 4), features].
+  """
+
+  features: int = 24
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    x = conv(self.features, 3, 2, dtype=self.dtype, name='conv')(x)
+    x = nn.relu(batch_norm(train, dtype=self.dtype, name='bn')(x))
+    return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
+class ImageNetShuffleNetV2(ShuffleNetV2):
+  """ImageNet ShuffleNetV2 1x, as L-MCL's `models/shufflenetv2_imagenet.py` `ShuffleNetV2_1x_imagenet`
+  (winycg/L-MCL; the same net and parameter count, 2,278,604 at 1000 classes, as torchvision's
+  `shufflenet_v2_x1_0`): `ImageNetShuffleStem` (24 ch), three `ShuffleUnit` stages of (4, 8, 4) units,
+  widths (116, 232, 464), then a 1x1 conv to 1024 + BN + ReLU, pooling and Dense(1024 -> C).
+
+  Four stages, as L-MCL splits it: its auxiliary branches start on the stem's output and on the first
+  two unit stages' outputs, like the ResNets' on layer1..layer3. So the stem is stage 0 (parameters
+  under `stage0`; `stage_sizes[0]` is unused) and `stem` is the identity. Input [B, 224, 224, 3] ->
+  stage maps 56, 28, 14, 7 (as the ImageNet ResNets'). L-MCL's first branch (on stage 0) has two units
+  per stage, its others copy the backbone's as these tails do (`branch_blocks` sets every branch's).
+  Convs start from the zoo's kaiming-normal (fan_out) init; the reference keeps torch's default.
+  """
+
+  stage_sizes: tuple[int, ...] = (1, 4, 8, 4)
+  stage_widths: tuple[int, ...] = (24, 116, 232, 464)
+  stage_strides: tuple[int, ...] = (4, 2, 2, 2)
+
+  def stem(self, x: jax.Array, train: bool) -> jax.Array:
+    return x
+
+  def make_stage(self, i: int) -> nn.Module:
+    if i == 0:
+      return ImageNetShuffleStem(self.stage_widths[0], self.dtype, name='stage0')
+    return super().make_stage(i)
+
+
 # One downsampling unit + (3, 7, 3) basic units per stage; stage widths per net size.
 _shufflenet_v2 = functools.partial(ShuffleNetV2, stage_sizes=(4, 8, 4))
 
 CONSTRUCTORS = {
     'shufflenetv2_0_5': functools.partial(_shufflenet_v2, stage_widths=(48, 96, 192)),
     'shufflenetv2_1_0': functools.partial(_shufflenet_v2, stage_widths=(116, 232, 464)),
+    'shufflenetv2_1_0_imagenet': ImageNetShuffleNetV2,
 }

@@ -1,0 +1,79 @@
+"""The networks added for the paper rows train through the quick start's `:smoke` path (a 2-peer
+MCL cohort, and an L-MCL cohort for the nets L-MCL's tables use; the multi-branch nets under
+MCL-OKD), and the `vmap` and `unroll` cohort strategies take the same step on them."""
+
+import json
+import math
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from mcl_jax import cli, cohort as cohort_lib, train
+
+# arch -> the methods its paper rows train it with on top of MCL (L-MCL for the nets of L-MCL's
+# tables); multi-branch nets (MCL-OKD) train as one network whose branches are the peers.
+NEW_ARCHS = {
+    'hcgnet_a1': ('mcl', 'lmcl'),
+    'hcgnet_a2': ('mcl', 'lmcl'),
+    'densenet40_12': ('mcl',),
+    'vgg16': ('mcl',),
+    'shufflenetv1': ('mcl',),
+    'resnet50_cifar': ('mcl',),
+    'mobilenetv1': ('mcl',),
+    'shufflenetv2_1_0_imagenet': ('mcl', 'lmcl'),
+}
+MULTI_BRANCH = ('densenet40_12_okd2', 'vgg16_okd2', 'hcgnet_a1_okd2')
+CASES = [(a, m) for a, ms in NEW_ARCHS.items() for m in ms] + [(a, 'mcl_okd') for a in MULTI_BRANCH]
+
+
+def smoke_config(arch, method, **overrides):
+  """The quick start's smoke run (configs/fashion_mnist_mcl.py:smoke) of `arch`, shortened."""
+  config = cli.load_config(
+      f'configs/fashion_mnist_mcl.py:arch={arch},method={method},smoke',
+      {'total_steps': 2, 'data.eval_examples': 64, 'data.eval_batch_size': 64, **overrides},
+  )
+  if method == 'mcl_okd':
+    config.cohort.num_peers = 1  # one multi-branch network; its branches are the peers
+  return config
+
+
+@pytest.mark.parametrize('arch,method', CASES)
+def test_trains_through_the_smoke_path(arch, method, tmp_path):
+  workdir = str(tmp_path / 'run')
+  train.run(smoke_config(arch, method, **{'cohort.strategy': 'unroll'}), workdir)
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    records = [json.loads(line) for line in f]
+  losses = [r['train/loss'] for r in records if 'train/loss' in r]
+  assert losses and all(math.isfinite(x) for x in losses)
+  final = [r for r in records if 'eval/ensemble/top1' in r][-1]
+  assert final['step'] == 2 and 0.0 <= final['eval/best_peer/top1'] <= 1.0
+
+
+def _max_relative_difference(a, b) -> float:
+  def rel(x, y):
+    x, y = np.asarray(x), np.asarray(y)
+    if not np.issubdtype(y.dtype, np.floating):
+      return 0.0 if np.array_equal(x, y) else np.inf
+    return float(np.max(np.abs(x - y)) / max(float(np.max(np.abs(y))), 1e-12))
+
+  return max(jax.tree.leaves(jax.tree.map(rel, a, b)))
+
+
+@pytest.mark.parametrize('arch', list(NEW_ARCHS))
+def test_strategies_take_the_same_step(arch):
+  """From the same state, one MCL step under `vmap` and under `unroll`: the same new state and
+  metrics to float32 round-off."""
+  exps = {
+      s: train.Experiment(smoke_config(arch, 'mcl', batch_size=8, **{'cohort.strategy': s}))
+      for s in cohort_lib.CANDIDATES
+  }
+  state = jax.device_get(exps['unroll'].init_state())
+  out = {}
+  for s, exp in exps.items():
+    new_state, metrics = exp.train_step(
+        jax.device_put(state, exp.state_sharding), exp.batch(0), exp.frozen
+    )
+    out[s] = jax.device_get((new_state, metrics))
+  assert _max_relative_difference(out['vmap'], out['unroll']) < 1e-4
