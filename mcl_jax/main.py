@@ -123,6 +123,13 @@ def preflight(argv: list[str]) -> list[str]:
     _preflight_config = cli.load_config(resolved + sep + arg)
   except ValueError as e:  # config_lib.ConfigError
     cli.fail(PROG, e)
+  sections = [k for k in ('model', 'cohort', 'method', 'optim') if k not in _preflight_config]
+  if sections:  # e.g. configs/linear_eval.py, the config of `python -m mcl_jax.linear_eval`
+    cli.fail(
+        PROG,
+        f'{path} is not a training config (it has no {", ".join(sections)} section); configs/'
+        f'linear_eval.py is for `python -m mcl_jax.linear_eval --workdir RUN --config ...`.',
+    )
   for key in overrides:
     message = cli.unknown_key_message(_preflight_config, key)
     if message:

@@ -85,6 +85,11 @@ def run_info(config, num_train_examples: int, num_classes: int) -> methods.RunIn
       total_steps=total_steps,
       batch_size=config.batch_size,
       teacher_arch=config.teacher.arch,
+      image_shape=(
+          tuple(data.dataset_info(config.data.name).image_shape)
+          if config.data.name in data.names()
+          else ()
+      ),
   )
 
 

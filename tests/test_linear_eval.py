@@ -23,6 +23,7 @@ from mcl_jax import workdir
 from mcl_jax.metrics import read_metrics
 
 from support import REPO, restore_final_state, tiny_config
+from support.fake_tfds import fake_records, patch_prepared_tfds
 
 RESULT_KEYS = {'workdir', 'peer', 'data', 'step', 'linear_eval/top1', 'linear_eval/top5', 'epochs'}
 # An un-augmented variant of the run's data set: a transfer target of the same image shape on
@@ -159,9 +160,11 @@ def test_a_stopped_evaluation_resumes_to_the_uninterrupted_numbers(run, evaluate
     assert json.loads(f.readline())['changes'] == {'epochs': [1, 3]}
 
 
-def test_cached_features_train_as_per_step_recomputed_ones(run):
+def test_cached_features_train_as_per_step_recomputed_ones(run, monkeypatch):
   """On a data source without augmentation (a transfer target of the same shape) the augmented
-  path recomputes every step exactly the features the cached path computed once."""
+  path recomputes every step exactly the features the cached path computed once (which is why
+  such a source is always cached: here it is made to recompute them)."""
+  monkeypatch.setattr(linear_eval, '_CACHE_UNAUGMENTED', False)
   results, rows = {}, {}
   for augment in (True, False):
     config = small_config(epochs=2, lr=0.5, augment=augment, **{'data.name': PLAIN})
@@ -181,7 +184,7 @@ def test_features_of_one_step_equal_the_cache(run):
   config = small_config(augment=False, **{'data.name': PLAIN})
   probe = linear_eval.probe_data(config, PLAIN, None)
   features = linear_eval.Features(encoder, probe, config)
-  cached, labels = features.of_split(probe.train, probe.num_train, train_split=True)
+  cached, labels = features.of_split(probe.train, probe.num_train)
   idx = jnp.asarray(data.BatchSampler(np.asarray(labels), 32, 0).indices(5))
   per_step = features.views(jnp.asarray(probe.train.images), idx, 5)
   np.testing.assert_allclose(per_step, cached[idx], rtol=1e-5, atol=1e-6)
@@ -200,7 +203,7 @@ def test_peers_are_numbered_as_the_runs_evaluation():
       ('resnet8', 2, 0, None),
   ]
   cohort = cohort_lib.build_cohort(config.model, config.cohort, 10, backend='cpu')
-  images = jnp.asarray(np.random.default_rng(0).normal(size=(4, 28, 28, 1)), jnp.float32)
+  images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 8, 1)), jnp.float32)
   params, stats = cohort.init(jax.random.key(0), images[:1])
   outputs, _ = cohort.apply(params, stats, images, train=False)
   assert outputs['logits'].shape[0] == 4  # what the run's evaluation counts as peers
@@ -313,3 +316,63 @@ def test_a_mistake_is_one_clear_error_exit_2_and_nothing_written(run, evaluated,
   for part in expected:
     assert part.format(run=run, root=root) in proc.stderr, proc.stderr
   assert _tree(root) == before
+
+
+# ---- A streamed probe (the ImageNet path: host-side views, a stream resumed at any step) ----- #
+def _streamed_train_view(record, rng, size):
+  """The host-side training view of the fake streamed source: a random flip."""
+  del size
+  image = record['image'][:, ::-1] if rng.random() < 0.5 else record['image']
+  return {'image': np.ascontiguousarray(image), 'label': np.int32(record['label'])}
+
+
+def _streamed_eval_view(record, size):
+  del size
+  return {'image': record['image'], 'label': np.int32(record['label']), 'mask': np.bool_(True)}
+
+
+def test_a_streamed_probe_matches_a_recomputation_and_resumes(run, tmp_path, monkeypatch):
+  records = fake_records(96, (28, 28, 1))  # labels i % 7; every split reads these records
+  patch_prepared_tfds(monkeypatch, records)
+  data.register(
+      'streamed_le',
+      data.StreamedTfdsSource(
+          'streamed_le',
+          tfds_name='imagenet2012',  # a tfds builder that exists; its data comes from the patch
+          image_shape=(28, 28, 1),
+          num_classes=7,
+          num_train=96,
+          num_test=96,
+          mean=(0.5,),
+          std=(0.25,),
+          train_transform=_streamed_train_view,
+          eval_transform=_streamed_eval_view,
+      ),
+      replace=True,
+  )
+  config = small_config(lr=0.5, epochs=2, milestones=(), **{'data.name': 'streamed_le'})
+  config.data.eval_examples = 40
+  whole, resumed = str(tmp_path / 'whole'), str(tmp_path / 'resumed')
+  result = linear_eval.linear_eval(run, config, peer=0, out=whole)
+  assert (result['data'], result['epochs']) == ('streamed_le', 2)
+  linear_eval.linear_eval(run, config, peer=0, out=resumed, stop_after_epochs=1)
+  assert linear_eval.linear_eval(run, config, peer=0, out=resumed) == result
+  assert read_metrics(resumed) == read_metrics(whole)
+  config.augment = False  # each training record's (eval-view) feature computed once
+  cached = linear_eval.linear_eval(run, config, peer=0, out=str(tmp_path / 'cached'))
+  assert cached['epochs'] == 2 and 0 <= cached['linear_eval/top1'] <= 1
+
+  # The first 40 test records (eval view: as stored), through peer 0 and the final classifier.
+  _, run_state = restore_final_state(run)
+  variables = {
+      'params': jax.tree.map(lambda x: x[0], run_state['params']['peers'][0]),
+      'batch_stats': jax.tree.map(lambda x: x[0], run_state['batch_stats'][0]),
+  }
+  images = np.stack([r['image'] for r in records[:40]]) / 255.0
+  labels = np.asarray([r['label'] for r in records[:40]])
+  model = models.get_model('resnet8', 10)
+  features = model.apply(variables, ((images - 0.5) / 0.25).astype(np.float32), train=False)
+  _, linear = restore_final_state(whole)
+  logits = np.asarray(features['feature'], np.float64) @ np.asarray(linear['params']['kernel'])
+  top1 = np.mean(np.argmax(logits + linear['params']['bias'], axis=1) == labels)
+  assert result['linear_eval/top1'] == top1

@@ -221,6 +221,7 @@ def test_one_peer_is_moco():
         ('bn_groups', 3, r'method.bn_groups=3 must divide batch_size=16'),
         ('augmentation', 'v3', r"method.augmentation='v3': must be one of \('v1', 'v2', 'grey'\)"),
         ('key_momentum', 1.5, r'must be in \[0, 1\]'),
+        ('augmentation', 'v2', r"augmentation='v2' needs RGB images; the data has 1 channel"),
     ],
 )
 def test_validation_names_the_values(key, value, message):

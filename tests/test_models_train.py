@@ -1,6 +1,10 @@
 """The networks added for the paper rows train through the quick start's `:smoke` path (a 2-peer
 MCL cohort, and an L-MCL cohort for the nets L-MCL's tables use; the multi-branch nets under
-MCL-OKD), and the `vmap` and `unroll` cohort strategies take the same step on them."""
+MCL-OKD), and the `vmap` and `unroll` cohort strategies take the same step on them.
+
+Marked `slow` (about 40 min on a 2-core CPU, compiles of ResNet-50-sized cohorts): the README's
+test command deselects them; run `python -m pytest -m slow tests/test_models_train.py`. Their last
+result is in results/new_networks.md."""
 
 import json
 import math
@@ -39,6 +43,7 @@ def smoke_config(arch, method, **overrides):
   return config
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('arch,method', CASES)
 def test_trains_through_the_smoke_path(arch, method, tmp_path):
   workdir = str(tmp_path / 'run')
@@ -61,19 +66,28 @@ def _max_relative_difference(a, b) -> float:
   return max(jax.tree.leaves(jax.tree.map(rel, a, b)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('arch', list(NEW_ARCHS))
 def test_strategies_take_the_same_step(arch):
   """From the same state, one MCL step under `vmap` and under `unroll`: the same new state and
-  metrics to float32 round-off."""
-  exps = {
-      s: train.Experiment(smoke_config(arch, 'mcl', batch_size=8, **{'cohort.strategy': s}))
-      for s in cohort_lib.CANDIDATES
-  }
-  state = jax.device_get(exps['unroll'].init_state())
-  out = {}
-  for s, exp in exps.items():
-    new_state, metrics = exp.train_step(
-        jax.device_put(state, exp.state_sharding), exp.batch(0), exp.frozen
-    )
-    out[s] = jax.device_get((new_state, metrics))
-  assert _max_relative_difference(out['vmap'], out['unroll']) < 1e-4
+  metrics, in float64. (In float32 the deep nets' last-stage gradients at init differ by up to
+  ~25% of their scale between the two programs: saturated softmax and batch-8 BatchNorm make them
+  differences of nearly equal terms, so float32 round-off is amplified; the losses agree to 1e-6.)
+  """
+  with jax.enable_x64(True):
+    exps = {
+        s: train.Experiment(
+            smoke_config(
+                arch, 'mcl', batch_size=8, **{'cohort.strategy': s, 'model.dtype': 'float64'}
+            )
+        )
+        for s in cohort_lib.CANDIDATES
+    }
+    state = jax.device_get(exps['unroll'].init_state())
+    out = {}
+    for s, exp in exps.items():
+      new_state, metrics = exp.train_step(
+          jax.device_put(state, exp.state_sharding), exp.batch(0), exp.frozen
+      )
+      out[s] = jax.device_get((new_state, metrics))
+  assert _max_relative_difference(out['vmap'], out['unroll']) < 1e-9

@@ -152,6 +152,7 @@ LAYOUT_CASES = (
     ('kd', 'resnet8', 4),
     ('ckd', 'resnet8', 4),
     ('crcd', 'resnet8', 4),
+    ('moco_mcl', 'resnet8', 4),  # key encoders and queues [K, Q, D] on 'peer'
 )
 
 

@@ -92,6 +92,7 @@ class RunInfo:
   total_steps: int
   batch_size: int  # global
   teacher_arch: str = ''  # `teacher.arch` (distillation methods)
+  image_shape: tuple[int, ...] = ()  # (H, W, C) of the data set's images; () when unknown
 
 
 @dataclasses.dataclass(frozen=True)

@@ -132,6 +132,12 @@ class MoCoMCL(Method):
           f'method.bn_groups={config.bn_groups} must divide batch_size={batch} (shuffle-BN '
           f'normalises over bn_groups equal sub-batches).'
       )
+    channels = run.image_shape[-1] if run.image_shape else None
+    if config.augmentation != 'grey' and channels not in (None, 3):
+      found.append(
+          f'method.augmentation={config.augmentation!r} needs RGB images; the data has '
+          f"{channels} channel(s): use method.augmentation='grey'."
+      )
     return found
 
   @property

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from mcl_jax import registry
 from mcl_jax.models import cifar_resnet, hcgnet, imagenet_resnet, mobilenet, shufflenet, vgg, wrn
 from mcl_jax.models import densenet, mobilenet_v1, shufflenet_v1
-from mcl_jax.models import okd  # multi-branch nets (MCL-OKD); needs cifar_resnet first
+from mcl_jax.models import okd  # multi-branch nets (MCL-OKD); bases looked up here when built
 from mcl_jax.models.cifar_resnet import StagedNet
 from mcl_jax.models.flops import count_macs
 

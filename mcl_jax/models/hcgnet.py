@@ -44,8 +44,8 @@ Differences from the reference code, none of which changes a forward pass in eva
   fan-out convs of this package's other nets.
 - The gates' BatchNorm1d keeps a running variance of the biased batch variance (Flax), where
   PyTorch keeps the unbiased one (a factor B / (B - 1) on batch B).
-- The global context pooling (softmax and weighted sum) and the gate MLPs run in float32 whatever the
-  compute dtype; the gates are cast back to it.
+- The global context pooling (softmax and weighted sum) and the gate MLPs run in float32 at least
+  (float64 in a float64 model), whatever the compute dtype; the gates are cast back to it.
 - `stage_sizes` / `stage_widths` are fixed by the growth rates (dense widths depend on the number of
   modules), so a clone with other stage sizes (L-MCL's `branch_blocks`) is refused.
 
@@ -127,21 +127,21 @@ class BasicConv(nn.Module):
     )(x)
 
 
-def _context_pool(x: jax.Array, context_logits: jax.Array) -> jax.Array:
-  """Global context pooling: sum over positions of x weighted by a spatial softmax, in float32.
+def _context_pool(x: jax.Array, context_logits: jax.Array, dtype: Dtype) -> jax.Array:
+  """Global context pooling: sum over positions of x weighted by a spatial softmax, in `dtype`.
 
-  x: [B, H, W, C], context_logits: [B, H, W, 1] -> [B, C] float32. (The reference computes
+  x: [B, H, W, C], context_logits: [B, H, W, 1] -> [B, C]. (The reference computes
   avg_pool(x * softmax) * H * W, the same sum.)
   """
   batch = x.shape[0]
-  weights = jax.nn.softmax(context_logits.astype(jnp.float32).reshape(batch, -1), axis=-1)
+  weights = jax.nn.softmax(context_logits.astype(dtype).reshape(batch, -1), axis=-1)
   # A product and a sum, not a contraction: like the reference's mul + pool, no multiply-accumulate
   # counted as a conv / linear one (XLA fuses them).
-  return jnp.sum(x.astype(jnp.float32).reshape(batch, -1, x.shape[-1]) * weights[..., None], axis=1)
+  return jnp.sum(x.astype(dtype).reshape(batch, -1, x.shape[-1]) * weights[..., None], axis=1)
 
 
-def _batch_norm_1d(train: bool, *, name: str) -> nn.BatchNorm:
-  """`batch_norm` for the gates' [B, C] vectors, in float32, with the two-pass batch variance.
+def _batch_norm_1d(train: bool, *, dtype: Dtype, name: str) -> nn.BatchNorm:
+  """`batch_norm` for the gates' [B, C] vectors, with the two-pass batch variance.
 
   These vectors' means are large next to their spread across the batch, and Flax's default
   E[x^2] - E[x]^2 cancels: in training mode it moved HCGNet-A1's logits by 1.4e-4 from the
@@ -152,7 +152,7 @@ def _batch_norm_1d(train: bool, *, name: str) -> nn.BatchNorm:
       use_running_average=not train,
       momentum=0.9,
       epsilon=1e-5,
-      dtype=jnp.float32,
+      dtype=dtype,
       use_fast_variance=False,
       name=name,
   )
@@ -173,20 +173,23 @@ def _gated_update(
   """
   c = h.shape[-1]
   squeeze, attention = c // forget_factor, 2 * c // reduction_factor
-  # The gate MLPs act on [B, C] vectors: float32 (tiny), BatchNorm1d over the batch.
-  vector = functools.partial(_pointwise, dtype=jnp.float32)
-  bn1d = functools.partial(_batch_norm_1d, train)
+  # The pooling and the gate MLPs (on [B, C] vectors: tiny) in float32 at least; BatchNorm1d over
+  # the batch.
+  precise = jnp.promote_types(dtype, jnp.float32)
+  vector = functools.partial(_pointwise, dtype=precise)
+  bn1d = functools.partial(_batch_norm_1d, train, dtype=precise)
+  pool = functools.partial(_context_pool, dtype=precise)
 
   # Forget gate (the paper's cell "forget" gate; squeeze-excitation with context pooling).
-  pooled = _context_pool(h, _pointwise(1, c, dtype=dtype, name='global_forget_context')(h))
+  pooled = pool(h, _pointwise(1, c, dtype=dtype, name='global_forget_context')(h))
   squeezed = jnp.tanh(bn1d(name='bn_forget')(vector(squeeze, c, name='fc1')(pooled)))
   forget = jax.nn.sigmoid(vector(c, squeeze, name='fc2')(squeezed))  # [B, C]
 
   # Update gate: 3x3 and dilated 3x3 depthwise views, pooled, mixed by a softmax over the two.
   h3 = BasicConv(c, 3, groups=c, dtype=dtype, name='conv_3x3')(h, train=train)
   h5 = BasicConv(c, 3, groups=c, dilation=2, dtype=dtype, name='conv_5x5')(h, train=train)
-  p3 = _context_pool(h3, _pointwise(1, c, dtype=dtype, name='global_context3x3')(h3))
-  p5 = _context_pool(h5, _pointwise(1, c, dtype=dtype, name='global_context5x5')(h5))
+  p3 = pool(h3, _pointwise(1, c, dtype=dtype, name='global_context3x3')(h3))
+  p5 = pool(h5, _pointwise(1, c, dtype=dtype, name='global_context5x5')(h5))
   a = vector(attention, 2 * c, name='fcall')(jnp.concatenate([p3, p5], axis=-1))
   a = jnp.tanh(bn1d(name='bn_attention')(a))
   mix = jax.nn.softmax(

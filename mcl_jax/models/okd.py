@@ -44,6 +44,12 @@ BASES = {
     'resnet110': 1,
     'densenet40_12': 1,
     'vgg16': 3,
+    'hcgnet_a1': 1,
+    # ImageNet ResNets (`mcl_okd_resnet_imagenet`'s ResNet-34): conv1 .. layer2 shared, layer3,
+    # layer4 and the classifier per branch -> 2.
+    'resnet18': 2,
+    'resnet34': 2,
+    'resnet50': 2,
 }
 
 
