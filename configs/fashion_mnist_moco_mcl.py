@@ -29,9 +29,7 @@ def get_config(arg=None):
   c.cohort.num_peers = args['peers']
   config_lib.set_fashion_mnist(c, args['epochs'])
   c.optim.lr, c.optim.nesterov = 0.06, False
-  c.method = methods.config(
-      'moco_mcl', queue_size=4096, key_momentum=0.99, augmentation='grey'
-  )
+  c.method = methods.config('moco_mcl', queue_size=4096, key_momentum=0.99, augmentation='grey')
   steps_per_epoch = 20000 // c.batch_size
   c.eval_every_steps = 2 * steps_per_epoch
   c.ckpt_every_steps = c.eval_every_steps

@@ -14,6 +14,10 @@ Recipes (`RECIPES`), each a pure, jit-able function of a uint8 batch and a PRNG 
 As torchvision's transforms, with two simplifications: a crop box larger than the image is
 clipped to it (torchvision redraws it up to 10 times), and the jitter runs in a fixed order
 (brightness, contrast, saturation, hue) where torchvision shuffles it per image.
+
+Streamed data (ImageNet) holds the full-resolution image only on the host: there the two views'
+crop and flip are drawn by the input pipeline (`mcl_jax.data.HostViews`, scale 0.2-1 as here) and
+only the colour part runs here (`crop_and_flip=False`), so nothing is cropped twice.
 """
 
 from __future__ import annotations
@@ -38,8 +42,9 @@ def random_resized_crop(images, rng):
   batch, height, width, _ = images.shape
   area_key, ratio_key, y_key, x_key = jax.random.split(rng, 4)
   area = jax.random.uniform(area_key, (batch,), minval=CROP_AREA[0], maxval=CROP_AREA[1])
-  ratio = jnp.exp(jax.random.uniform(ratio_key, (batch,), minval=CROP_LOG_RATIO[0],
-                                     maxval=CROP_LOG_RATIO[1]))
+  ratio = jnp.exp(
+      jax.random.uniform(ratio_key, (batch,), minval=CROP_LOG_RATIO[0], maxval=CROP_LOG_RATIO[1])
+  )
   crop_h = jnp.minimum(jnp.sqrt(area * height * width / ratio), height)
   crop_w = jnp.minimum(jnp.sqrt(area * height * width * ratio), width)
   top = jax.random.uniform(y_key, (batch,)) * (height - crop_h)
@@ -93,8 +98,14 @@ def _hsv_to_rgb(hue, saturation, value):
   q = value * (1 - saturation * frac)
   t = value * (1 - saturation * (1 - frac))
   sector = sector.astype(jnp.int32) % 6
-  choices = [(value, t, p), (q, value, p), (p, value, t), (p, q, value), (t, p, value),
-             (value, p, q)]
+  choices = [
+      (value, t, p),
+      (q, value, p),
+      (p, value, t),
+      (p, q, value),
+      (t, p, value),
+      (value, p, q),
+  ]
   channels = [
       jnp.select([sector == s for s in range(6)], [c[ch] for c in choices]) for ch in range(3)
   ]
@@ -150,9 +161,13 @@ def gaussian_blur(images, rng, prob: float):
   weights = weights / jnp.sum(weights, axis=1, keepdims=True)  # [B, 2R + 1]
   r = BLUR_RADIUS
   padded = jnp.pad(images, ((0, 0), (r, r), (0, 0), (0, 0)), mode='edge')
-  blurred = sum(weights[:, t, None, None, None] * padded[:, t : t + height] for t in range(2 * r + 1))
+  blurred = sum(
+      weights[:, t, None, None, None] * padded[:, t : t + height] for t in range(2 * r + 1)
+  )
   padded = jnp.pad(blurred, ((0, 0), (0, 0), (r, r), (0, 0)), mode='edge')
-  blurred = sum(weights[:, t, None, None, None] * padded[:, :, t : t + width] for t in range(2 * r + 1))
+  blurred = sum(
+      weights[:, t, None, None, None] * padded[:, :, t : t + width] for t in range(2 * r + 1)
+  )
   chosen = jax.random.bernoulli(apply_key, prob, (batch,))[:, None, None, None]
   return jnp.where(chosen, blurred, images)
 
@@ -164,10 +179,21 @@ def random_flip(images, rng):
 
 
 def view(
-    images_uint8, rng, recipe: str, *, mean: Sequence[float], std: Sequence[float]
+    images_uint8,
+    rng,
+    recipe: str,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    crop_and_flip: bool = True,
 ) -> jax.Array:
   """One random view of every image with `recipe` (one of `RECIPES`), normalised as
-  `(x / 255 - mean) / std`. uint8 `[B, H, W, C]` -> float32 `[B, H, W, C]`."""
+  `(x / 255 - mean) / std`. uint8 `[B, H, W, C]` -> float32 `[B, H, W, C]`.
+
+  `crop_and_flip=False`: the images are views already cropped and flipped on the host (streamed
+  ImageNet, `mcl_jax.data.HostViews`); only the colour part of the recipe runs here. It commutes
+  with the flip, so the distribution of views is the recipe's. The keys are split as with the
+  crop, so the colour draws of one `rng` are the same either way."""
   channels = images_uint8.shape[-1]
   if recipe not in RECIPES:
     raise ValueError(f'augmentation {recipe!r}: must be one of {RECIPES}')
@@ -176,7 +202,9 @@ def view(
         f"augmentation {recipe!r} needs RGB images, got {channels} channel(s): use 'grey'."
     )
   crop_key, jitter_key, grey_key, blur_key, flip_key = jax.random.split(rng, 5)
-  images = random_resized_crop(images_uint8.astype(jnp.float32) / 255.0, crop_key)
+  images = images_uint8.astype(jnp.float32) / 255.0
+  if crop_and_flip:
+    images = random_resized_crop(images, crop_key)
   if recipe == 'v1':
     images = random_grayscale(images, grey_key, 0.2)
     images = color_jitter(images, jitter_key, (0.4, 0.4, 0.4, 0.4))
@@ -186,16 +214,26 @@ def view(
     images = gaussian_blur(images, blur_key, 0.5)
   else:
     images = color_jitter(images, jitter_key, (0.4, 0.4, 0.0, 0.0), prob=0.8)
-  images = random_flip(images, flip_key)
+  if crop_and_flip:
+    images = random_flip(images, flip_key)
   mean = jnp.asarray(mean, jnp.float32)
   std = jnp.asarray(std, jnp.float32)
   return (images - mean) / std
 
 
-def two_views(images_uint8, rng, recipe: str, *, mean, std) -> tuple[jax.Array, jax.Array]:
-  """(query view, key view): two independent draws of :func:`view` for every image."""
+def two_views(
+    images_uint8, rng, recipe: str, *, mean, std, key_images_uint8=None
+) -> tuple[jax.Array, jax.Array]:
+  """(query view, key view): two independent draws of :func:`view` for every image.
+
+  With `key_images_uint8`, `images_uint8` and it are two views of every image already cropped and
+  flipped on the host (`mcl_jax.data.HostViews`): each gets the colour part of the recipe only."""
   query_key, key_key = jax.random.split(rng)
+  if key_images_uint8 is None:
+    key_images_uint8, crop_and_flip = images_uint8, True
+  else:
+    crop_and_flip = False
   return (
-      view(images_uint8, query_key, recipe, mean=mean, std=std),
-      view(images_uint8, key_key, recipe, mean=mean, std=std),
+      view(images_uint8, query_key, recipe, mean=mean, std=std, crop_and_flip=crop_and_flip),
+      view(key_images_uint8, key_key, recipe, mean=mean, std=std, crop_and_flip=crop_and_flip),
   )

@@ -6,7 +6,9 @@ and prints a Markdown table with, per group, mean ± std over seeds of:
 - final best-peer top-1 and final mean per-peer top-1 (the last evaluation),
 - best and final ensemble (mean logits) top-1,
 - when the runs evaluated their training images too (`data.train_eval_examples`), the final mean
-  per-peer top-1 on them (how well the peers fit their training set).
+  per-peer top-1 on them (how well the peers fit their training set),
+- when peers were probed by `python -m mcl_jax.linear_eval`, the linear-evaluation top-1 of peer 0
+  and of the best peer.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ def run_summary(workdir: str) -> dict:
   if not evals:
     raise ValueError(f'{workdir} has no evaluation in metrics.jsonl yet.')
   last = evals[-1]
+  linear = linear_eval_top1(workdir)
   peers = sorted(k for k in last if k.startswith('eval/peer_') and k.endswith('/top1'))
   train_peers = ['train_' + k for k in peers if 'train_' + k in last]
   return {
@@ -42,7 +45,32 @@ def run_summary(workdir: str) -> dict:
       'final_train_mean_peer': (
           statistics.mean(last[k] for k in train_peers) if train_peers else None
       ),
+      'linear_peer0': linear.get(0),
+      'linear_best_peer': max(linear.values()) if linear else None,
   }
+
+
+def linear_eval_top1(workdir: str) -> dict[int, float]:
+  """{peer: linear-evaluation top-1} of the run's probes (`python -m mcl_jax.linear_eval`):
+  its default outputs `<workdir>/linear_eval/peer_<p>/metrics.jsonl`, or the kept records
+  `<workdir>/linear_eval_peer_<p>.json` (its final JSON line)."""
+  out = {}
+  for name in sorted(os.listdir(workdir)):
+    if name.startswith('linear_eval_peer_') and name.endswith('.json'):
+      with open(os.path.join(workdir, name)) as f:
+        text = f.read().strip()
+      if text:
+        out[int(name[len('linear_eval_peer_') : -len('.json')])] = json.loads(text)[
+            'linear_eval/top1'
+        ]
+  probes = os.path.join(workdir, 'linear_eval')
+  if os.path.isdir(probes):
+    for name in sorted(os.listdir(probes)):
+      if name.startswith('peer_') and name[len('peer_') :].isdigit():
+        rows = [r for r in read_metrics(os.path.join(probes, name)) if 'linear_eval/top1' in r]
+        if rows:
+          out.setdefault(int(name[len('peer_') :]), rows[-1]['linear_eval/top1'])
+  return out
 
 
 def describe(config: dict) -> str:
@@ -103,6 +131,10 @@ COLUMNS = [
 
 
 TRAIN_COLUMN = ('final_train_mean_peer', 'train set, mean peer (final)')
+LINEAR_COLUMNS = [
+    ('linear_peer0', 'linear eval, peer 0'),
+    ('linear_best_peer', 'linear eval, best peer'),
+]
 
 
 def table(workdirs) -> str:
@@ -114,6 +146,8 @@ def table(workdirs) -> str:
   columns = COLUMNS + (
       [TRAIN_COLUMN] if any(r['final_train_mean_peer'] is not None for r in runs_all) else []
   )
+  if any(r['linear_peer0'] is not None for r in runs_all):
+    columns += LINEAR_COLUMNS
   lines = [
       '| run | seeds | steps | ' + ' | '.join(title for _, title in columns) + ' |',
       '|---|---|---|' + '---|' * len(columns),

@@ -17,7 +17,7 @@ import optax
 
 from jax.sharding import PartitionSpec as P
 
-from mcl_jax import augment, sharding
+from mcl_jax import augment, losses, sharding
 
 # XLA:CPU fuses the residual BN/add/ReLU chains into the transposes feeding weight-gradient convs
 # and recomputes them there; routing elementwise ops and reductions through YNNPACK materialises
@@ -238,11 +238,11 @@ def make_feature_step(cohort, data_config):
   mean, std = tuple(data_config.mean), tuple(data_config.std)
 
   def feature_step(peer_params, batch_stats, images):
-    outputs, _ = cohort.apply(peer_params, batch_stats, augment.normalize(images, mean, std),
-                              train=False)
+    outputs, _ = cohort.apply(
+        peer_params, batch_stats, augment.normalize(images, mean, std), train=False
+    )
     return tuple(
-        out['feature'] / jnp.linalg.norm(out['feature'], axis=-1, keepdims=True).clip(1e-12)
-        for out in outputs['groups']
+        losses.l2_normalize(out['feature'].astype(jnp.float32)) for out in outputs['groups']
     )
 
   return feature_step
@@ -265,9 +265,9 @@ def make_knn_eval_step(cohort, data_config, num_classes: int, k: int, temperatur
         [jnp.einsum('kbd,kmd->kbm', f, b) for f, b in zip(features, bank['features'])], axis=0
     )  # [K, B, M]
     top, index = jax.lax.top_k(similarity, min(k, similarity.shape[-1]))
-    votes = jax.nn.one_hot(bank['labels'][index], num_classes) * jnp.exp(top / temperature)[
-        ..., None
-    ]
+    votes = (
+        jax.nn.one_hot(bank['labels'][index], num_classes) * jnp.exp(top / temperature)[..., None]
+    )
     return eval_counts(jnp.sum(votes, axis=2), batch)
 
   return eval_step

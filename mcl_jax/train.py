@@ -126,6 +126,10 @@ def abstract_run(config) -> AbstractRun:
       train_labels=np.arange(num_train, dtype=np.int32) % info.num_classes,
   )
   rows = (config.batch_size,)
+  image = jax.ShapeDtypeStruct(rows + tuple(info.image_shape), jnp.uint8)
+  # A streamed source serves the views a method asks for ('image', 'image2', ...) from the host.
+  views = method.host_views if data.get(config.data.name).streamed else None
+  images = {key: image for key in data.view_keys(views.count if views else 1)}
   return AbstractRun(
       cohort=cohort,
       method=method,
@@ -134,7 +138,7 @@ def abstract_run(config) -> AbstractRun:
       ),
       state=jax.eval_shape(create, jax.random.key(config.seed)),
       batch={
-          'image': jax.ShapeDtypeStruct(rows + tuple(info.image_shape), jnp.uint8),
+          **images,
           'label': jax.ShapeDtypeStruct(rows, jnp.int32),
           'index': jax.ShapeDtypeStruct(rows, jnp.int32),
       },
@@ -348,7 +352,7 @@ class Experiment:
   def _streamed_batch(self, step: int):
     if self._stream is None or step != self._stream_step:  # (re)start the stream at `step`
       self._stream = self.train_data.batches(
-          self.config.batch_size, self.config.seed, start_step=step
+          self.config.batch_size, self.config.seed, start_step=step, views=self.method.host_views
       )
     self._stream_step = step + 1
     return sharding.global_batch(next(self._stream), self.batch_sharding, self.config.batch_size)

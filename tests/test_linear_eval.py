@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mcl_jax import cohort as cohort_lib, config_lib, data, evaluate, linear_eval, models, train
-from mcl_jax import workdir
+from mcl_jax import cohort as cohort_lib, config_lib, data, evaluate, linear_eval, methods, models
+from mcl_jax import train, workdir
 from mcl_jax.metrics import read_metrics
 
 from support import REPO, restore_final_state, tiny_config
@@ -376,3 +376,32 @@ def test_a_streamed_probe_matches_a_recomputation_and_resumes(run, tmp_path, mon
   logits = np.asarray(features['feature'], np.float64) @ np.asarray(linear['params']['kernel'])
   top1 = np.mean(np.argmax(logits + linear['params']['bias'], axis=1) == labels)
   assert result['linear_eval/top1'] == top1
+
+
+def test_the_trainer_refuses_this_config(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, '-m', 'mcl_jax.main', '--config', 'configs/linear_eval.py']
+      + ['--workdir', str(tmp_path / 'run')],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
+  assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr
+  assert proc.stderr.startswith('mcl_jax: error: configs/linear_eval.py is not a training config')
+  assert not os.path.exists(tmp_path / 'run')
+
+
+def test_a_self_supervised_run_is_probed_through_its_backbone(tmp_path):
+  """A moco_mcl run (peers trained without labels; projection heads in the method's params): its
+  peer's pooled backbone feature is what the classifier sees."""
+  if 'moco_mcl' not in methods.names():
+    pytest.skip('no moco_mcl method in this tree')
+  config = tiny_config(**{'method.name': 'moco_mcl'})
+  if 'augmentation' in config.method:
+    config.method.augmentation = 'grey'  # Fashion-MNIST has one channel
+  run = str(tmp_path / 'moco')
+  train.run(config, run)
+  result = linear_eval.linear_eval(run, small_config(epochs=1, augment=False), peer=1)
+  assert set(result) == RESULT_KEYS and result['epochs'] == 1
+  assert 0 <= result['linear_eval/top1'] <= result['linear_eval/top5'] <= 1

@@ -3,6 +3,10 @@ of one step (queries, key-encoder EMA with the pre-update queries, keys, loss, e
 never read, one peer (MoCo), validation, kNN evaluation, and resume == uninterrupted."""
 
 import dataclasses
+import json
+import os
+import subprocess
+import sys
 
 import chex
 import jax
@@ -15,7 +19,7 @@ from mcl_jax import step as step_lib
 from mcl_jax.methods import moco_mcl
 from mcl_jax.metrics import read_metrics
 
-from support import reproducible, restore_final_state, tiny_config
+from support import REPO, reproducible, restore_final_state, tiny_config
 
 BATCH, QUEUE, GROUPS, MOMENTUM = 16, 32, 4, 0.9
 
@@ -101,8 +105,9 @@ def test_keys_come_back_in_the_rows_order(run):
   batch, ctx = step_inputs(exp, state, 0)
   key_encoder, key_stats = state.method_state['key_encoder'], state.method_state['key_batch_stats']
   keys, _ = one_group.keys(key_encoder, key_stats, batch['key_image'], ctx)
-  features, _ = moco_mcl.grouped_apply(exp.cohort, key_encoder['peers'], key_stats,
-                                       batch['key_image'], 1)
+  features, _ = moco_mcl.grouped_apply(
+      exp.cohort, key_encoder['peers'], key_stats, batch['key_image'], 1
+  )
   chex.assert_trees_all_close(keys, one_group.embed(key_encoder['heads'], features), atol=1e-5)
 
 
@@ -149,15 +154,18 @@ def test_step_order_ema_keys_loss_enqueue(run):
   )
   chex.assert_trees_all_close(after.batch_stats, stats, rtol=1e-5, atol=1e-6)
   queries = exp.method.embed(before.params['method']['heads'], features)
-  keys, _ = exp.method.keys(key_encoder, before.method_state['key_batch_stats'],
-                            batch['key_image'], ctx)
+  keys, _ = exp.method.keys(
+      key_encoder, before.method_state['key_batch_stats'], batch['key_image'], ctx
+  )
   terms = losses.moco_mcl_loss(queries, keys, before.method_state['queue'], c.tau, c.kd_T)
   for name, value in terms.items():
     np.testing.assert_allclose(metrics[1][name], value, rtol=2e-5, err_msg=name)
   np.testing.assert_allclose(metrics[1]['loss'], sum(terms.values()), rtol=2e-5)
   stale_keys, _ = exp.method.keys(
-      before.method_state['key_encoder'], before.method_state['key_batch_stats'],
-      batch['key_image'], ctx,
+      before.method_state['key_encoder'],
+      before.method_state['key_batch_stats'],
+      batch['key_image'],
+      ctx,
   )
   stale = losses.moco_mcl_loss(queries, stale_keys, before.method_state['queue'], c.tau, c.kd_T)
   assert abs(float(stale['vcl']) - float(metrics[1]['vcl'])) > 1e-4
@@ -230,6 +238,12 @@ def test_validation_names_the_values(key, value, message):
     train.validate(config, num_devices=1)
 
 
+def test_multi_branch_networks_are_refused():
+  config = moco_config(**{'model.arch': 'resnet8_okd2', 'cohort.num_peers': 1})
+  with pytest.raises(ValueError, match=r"needs one encoder per peer; \['resnet8_okd2'\]"):
+    train.validate(config, num_devices=1)
+
+
 def test_resume_equals_uninterrupted(tmp_path):
   config = moco_config(**{'total_steps': 6, 'eval_every_steps': 3, 'log_every_steps': 1})
   straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
@@ -243,6 +257,41 @@ def test_resume_equals_uninterrupted(tmp_path):
   metrics = read_metrics(straight)
   assert reproducible(metrics) == reproducible(read_metrics(resumed))
   names = set().union(*metrics)
-  for name in ('train/vcl', 'train/soft_vcl', 'train/icl', 'train/soft_icl', 'train/loss',
-               'train/pretext_top1', 'train/peer_0/pretext_top1', 'eval/peer_0/top1'):
+  for name in (
+      'train/vcl',
+      'train/soft_vcl',
+      'train/icl',
+      'train/soft_icl',
+      'train/loss',
+      'train/pretext_top1',
+      'train/peer_0/pretext_top1',
+      'eval/peer_0/top1',
+  ):
     assert name in names, name
+
+
+def test_sharded_steps_equal_one_device(tmp_path):
+  """On 8 fake CPU devices (meshes 4x2 and 8x1, float64): the grouped BatchNorm vmapped around
+  the peers' shard_map, the key encoders and the queues split over 'peer' give the 1-device
+  states and metrics; the step traces once; checkpoints restore exactly."""
+  out = str(tmp_path / 'moco_sharding.json')
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_backend_optimization_level=1')
+  proc = subprocess.run(
+      [sys.executable, os.path.join(REPO, 'tests', 'support', 'moco_sharding.py'), out],
+      capture_output=True,
+      text=True,
+      env=env,
+      cwd=REPO,
+      timeout=1800,
+  )
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+  with open(out) as f:
+    results = json.load(f)
+  for mesh, r in results.items():
+    assert max(r['free'], r['forced'], r['metrics']) < 1e-10, (mesh, r)
+    assert r['traces'] == 1 and r['restored_equal'], (mesh, r)
+  placements = results['4x2']['placements']
+  assert placements[".method_state['queue']"] == "P('peer',)"
+  assert placements[".method_state['queue_ptr']"] == 'P()'
+  key_encoder = [v for k, v in placements.items() if 'key_encoder' in k or 'key_batch' in k]
+  assert key_encoder and set(key_encoder) == {"P('peer',)"}

@@ -168,6 +168,8 @@ def test_every_per_peer_leaf_is_declared_on_the_peer_axis(case, arch, num_views)
   overrides = {'memory_bank': True, 'num_negatives': 16} if variant else {}
   if name in ('mcl_okd', 'crcd'):
     overrides['num_negatives'] = 16
+  if name == 'moco_mcl':
+    overrides['augmentation'] = 'grey'  # one-channel images
   config = tiny_config(**{'method.name': name, 'model.arch': arch, 'cohort.num_peers': 4})
   config.method.update(overrides)
   num_train, num_classes = 64, 10

@@ -74,7 +74,10 @@ from mcl_jax.data.tfds_sources import (
     source_to_arrays,
 )
 from mcl_jax.data.transforms import (
+    HostViews,
     imagenet_eval_transform,
     imagenet_train_transform,
+    imagenet_views_transform,
     random_resized_crop_box,
+    view_keys,
 )

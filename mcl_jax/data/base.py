@@ -28,7 +28,9 @@ Behaviour:
 * ``load(split, data_dir) -> InMemoryDataset`` (in-memory sources): the whole split, cached per
   process. A subclass implements ``read(split, data_dir) -> (uint8 images, int labels)``.
 * ``batches(split, data_dir, global_batch, seed, ...)`` (streamed sources): this process's rows of
-  each global batch, deterministic and resumable (see ``mcl_jax/data/streaming.py``).
+  each global batch, deterministic and resumable (see ``mcl_jax/data/streaming.py``). A source
+  that can also serve several augmented views per image (``views=transforms.HostViews(...)``,
+  for self-supervised methods) accepts a ``views`` keyword (``StreamedTfdsSource`` does).
 * ``train_labels(data_dir, cache_dir)``: int32 labels of the training split.
 
 A data set made of numpy arrays is registered in a few lines with :class:`InMemorySource`::

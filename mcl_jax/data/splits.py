@@ -88,8 +88,12 @@ class StreamedSplit:
     self.mean, self.std = self.source.mean, self.source.std
     self.labels = LazyLabels(self.source, self.split, self.data_dir, self.cache_dir)
 
-  def batches(self, global_batch: int, seed: int, start_step: int = 0, train: bool = True):
-    """This process's rows of each global batch (``DataSource.batches``)."""
+  def batches(
+      self, global_batch: int, seed: int, start_step: int = 0, train: bool = True, views=None
+  ):
+    """This process's rows of each global batch (``DataSource.batches``); ``views``: a
+    ``transforms.HostViews``, several host-augmented views per training image."""
+    extra = {} if views is None else {'views': views}  # sources without views keep working
     return self.source.batches(
-        self.split, self.data_dir, global_batch, seed, start_step=start_step, train=train
+        self.split, self.data_dir, global_batch, seed, start_step=start_step, train=train, **extra
     )

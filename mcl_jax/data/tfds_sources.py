@@ -13,6 +13,7 @@ that prepares it (see docs/data.md for the offline recipe).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any, Callable, Hashable, Iterator, Mapping, Sequence
 
@@ -137,11 +138,14 @@ class StreamedTfdsSource(TfdsSource):
   Attributes:
     train_transform: ``(record, rng, size) -> {'image', 'label'}``.
     eval_transform: ``(record, size) -> {'image', 'label', 'mask'}``.
+    views_transform: ``(record, rng, size, *, views) -> {'image', 'image2', ..., 'label'}``, the
+      training transform when a method asks for several views (``transforms.HostViews``).
   """
 
   streamed = True
   train_transform: Callable[..., dict[str, np.ndarray]] = transforms.imagenet_train_transform
   eval_transform: Callable[..., dict[str, np.ndarray]] = transforms.imagenet_eval_transform
+  views_transform: Callable[..., dict[str, np.ndarray]] = transforms.imagenet_views_transform
 
   def __post_init__(self):
     super().__post_init__()
@@ -161,10 +165,12 @@ class StreamedTfdsSource(TfdsSource):
       *,
       records: Sequence[dict[str, Any]] | None = None,
       num_threads: int = 16,
+      views: transforms.HostViews | None = None,
   ) -> Iterator[dict[str, np.ndarray]]:
     """This process's rows of each global batch (:func:`streaming.stream_batches`).
 
-    ``records`` replaces the tfds records of ``split`` (tests, custom data).
+    ``records`` replaces the tfds records of ``split`` (tests, custom data). ``views``: training
+    batches carry that many host-augmented views (``views_transform``) instead of one image.
     """
     base.check_split(split)
     streaming.process_shard(global_batch, shard_index, shard_count)  # bad sharding: fail first
@@ -175,7 +181,11 @@ class StreamedTfdsSource(TfdsSource):
         global_batch=global_batch,
         seed=seed,
         image_shape=self.image_shape,
-        train_transform=self.train_transform,
+        train_transform=(
+            self.train_transform
+            if views is None
+            else functools.partial(self.views_transform, views=views)
+        ),
         eval_transform=self.eval_transform,
         train=train,
         start_step=start_step,

@@ -7,6 +7,10 @@ A streamed source applies them per example inside the input pipeline (``streamin
   (``crop_padding=0, flip=False``), so nothing is applied twice.
 * evaluation: :func:`imagenet_eval_transform`, resize the shorter side to 256/224 of the output,
   then center crop.
+* several views (:class:`HostViews`, what a self-supervised method asks of a streamed source):
+  :func:`imagenet_views_transform`, ``count`` independent RandomResizedCrop + flip draws of every
+  image, as ``'image'``, ``'image2'``, ... (:func:`view_keys`); the method augments the rest
+  (colour) on device.
 
 Each returns ``{'image': uint8 [size, size, 3], 'label': int32}`` (plus ``'mask'`` for eval).
 See docs/data.md.
@@ -14,9 +18,28 @@ See docs/data.md.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
+
+IMAGENET_CROP_SCALE = (0.08, 1.0)  # torchvision's RandomResizedCrop default (area of the image)
+
+
+@dataclasses.dataclass(frozen=True)
+class HostViews:
+  """A request for ``count`` independently augmented views of every training image, each a
+  RandomResizedCrop (area ``crop_scale`` of the image) + flip drawn on the host, in the batch as
+  :func:`view_keys` ``(count)``. A method declares it (``Method.host_views``: MoCo's two views);
+  streamed sources produce it, since only the host has the full-resolution image to crop."""
+
+  count: int = 2
+  crop_scale: tuple[float, float] = (0.2, 1.0)
+
+
+def view_keys(count: int) -> tuple[str, ...]:
+  """The batch keys of ``count`` views: ``('image', 'image2', ...)`` (the first is the usual one)."""
+  return ('image',) + tuple(f'image{v}' for v in range(2, count + 1))
 
 
 def random_resized_crop_box(
@@ -54,21 +77,40 @@ def _to_pil_rgb(image: np.ndarray):
   return Image.fromarray(image).convert('RGB')
 
 
-def imagenet_train_transform(
-    record: dict[str, Any], rng: np.random.Generator, image_size: int = 224
-) -> dict[str, np.ndarray]:
-  """RandomResizedCrop(image_size) (bilinear) + horizontal flip with probability 1/2."""
+def _crop_and_flip(image, rng: np.random.Generator, image_size: int, scale) -> np.ndarray:
+  """RandomResizedCrop(image_size, scale) (bilinear) + flip with probability 1/2 of a PIL image."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
 
-  image = _to_pil_rgb(record['image'])
-  top, left, crop_h, crop_w = random_resized_crop_box(image.height, image.width, rng)
+  top, left, crop_h, crop_w = random_resized_crop_box(image.height, image.width, rng, scale)
   image = image.resize(
       (image_size, image_size), Image.BILINEAR, box=(left, top, left + crop_w, top + crop_h)
   )
   pixels = np.asarray(image, np.uint8)
   if rng.random() < 0.5:
     pixels = pixels[:, ::-1]
-  return {'image': np.ascontiguousarray(pixels), 'label': np.int32(record['label'])}
+  return np.ascontiguousarray(pixels)
+
+
+def imagenet_train_transform(
+    record: dict[str, Any], rng: np.random.Generator, image_size: int = 224
+) -> dict[str, np.ndarray]:
+  """RandomResizedCrop(image_size) (bilinear) + horizontal flip with probability 1/2."""
+  image = _crop_and_flip(_to_pil_rgb(record['image']), rng, image_size, IMAGENET_CROP_SCALE)
+  return {'image': image, 'label': np.int32(record['label'])}
+
+
+def imagenet_views_transform(
+    record: dict[str, Any], rng: np.random.Generator, image_size: int = 224, *, views: HostViews
+) -> dict[str, np.ndarray]:
+  """``views.count`` independent RandomResizedCrop(image_size, ``views.crop_scale``) + flip draws
+  of the record's image, one after another from ``rng`` (the stream's per-example generator, so
+  the views are a function of the seed and the stream position), as :func:`view_keys`."""
+  image = _to_pil_rgb(record['image'])
+  out = {
+      key: _crop_and_flip(image, rng, image_size, views.crop_scale)
+      for key in view_keys(views.count)
+  }
+  return {**out, 'label': np.int32(record['label'])}
 
 
 def imagenet_eval_transform(

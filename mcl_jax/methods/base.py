@@ -133,6 +133,12 @@ class Method:
   # `augment`, `forward` and `loss` see it, so the labels cannot reach the update.
   uses_labels = True
 
+  # A `mcl_jax.data.HostViews`: the method wants several independently augmented views of every
+  # training image from a streamed source's host pipeline (MoCo: two crops of the full-resolution
+  # image), as 'image', 'image2', ... in the raw batch its `augment` receives. In-memory data gets
+  # one 'image' and the method draws its views on device. None: one view.
+  host_views = None
+
   @property
   def knn_eval(self) -> KnnEval | None:
     """None: the loop evaluates the peers' classifiers; a `KnnEval`: k-nearest neighbours."""

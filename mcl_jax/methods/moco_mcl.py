@@ -5,7 +5,9 @@ Every peer is a query encoder (its backbone + a projection head, trained) and a 
 exponential moving average of it, in the method state), with a queue of Q earlier keys. One step,
 in this order:
 
-1. two views of every image, drawn on device from `fold_in(seed, step)` (`augmentation`);
+1. two views of every image, drawn on device from `fold_in(seed, step)` (`augmentation`); for
+   streamed data (ImageNet) the two crops + flips are drawn on the host from the full-resolution
+   image (`host_views`: the batch brings 'image' and 'image2') and only the colour part on device;
 2. queries `[K, N, D]`: the peers and their heads on the first view;
 3. the key encoders move towards the query encoders as they are before this step's update:
    theta_k <- m theta_k + (1 - m) theta_q;
@@ -34,7 +36,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from mcl_jax import contrastive_augment, heads, losses
+from mcl_jax import contrastive_augment, data, heads, losses
 from mcl_jax.methods import base
 from mcl_jax.methods.base import Method
 
@@ -115,6 +117,8 @@ class MoCoMCL(Method):
 
   hparams = HPARAMS
   uses_labels = False
+  # Streamed sources crop the full-resolution image twice on the host (MoCo's scale 0.2-1).
+  host_views = data.HostViews(count=2, crop_scale=contrastive_augment.CROP_AREA)
 
   @classmethod
   def validate(cls, config, run):
@@ -138,6 +142,16 @@ class MoCoMCL(Method):
           f'method.augmentation={config.augmentation!r} needs RGB images; the data has '
           f"{channels} channel(s): use method.augmentation='grey'."
       )
+    from mcl_jax import models  # pylint: disable=g-import-not-at-top  (methods load before models)
+
+    branched = sorted(
+        {a for a in run.archs if a in models.names() and models.spec(a).num_branches > 1}
+    )
+    if branched:
+      found.append(
+          f'method.name=moco_mcl needs one encoder per peer; {branched} are multi-branch '
+          'networks: use their single-branch architectures.'
+      )
     return found
 
   @property
@@ -156,10 +170,7 @@ class MoCoMCL(Method):
   def embed(self, head_params, features):
     """`[K, N, D]` unit embeddings: each cohort group's heads on its features."""
     return jnp.concatenate(
-        [
-            heads.apply_stacked(self.head(f.shape[-1]), p, f)
-            for p, f in zip(head_params, features)
-        ],
+        [heads.apply_stacked(self.head(f.shape[-1]), p, f) for p, f in zip(head_params, features)],
         axis=0,
     )
 
@@ -192,8 +203,14 @@ class MoCoMCL(Method):
     return base.same_placement(params, base.PEER), state_layout
 
   def augment(self, batch, rng, aug):
+    # 'image2' present: two host views, cropped and flipped already (no second crop here).
     query, key = contrastive_augment.two_views(
-        batch['image'], rng, self.config.augmentation, mean=tuple(aug.mean), std=tuple(aug.std)
+        batch['image'],
+        rng,
+        self.config.augmentation,
+        mean=tuple(aug.mean),
+        std=tuple(aug.std),
+        key_images_uint8=batch.get('image2'),
     )
     return {'image': query, 'key_image': key}
 
@@ -208,7 +225,10 @@ class MoCoMCL(Method):
     permuted batch, un-permuted."""
     permutation, inverse = shuffle_permutation(ctx.rng, images.shape[0])
     features, stats = grouped_apply(
-        ctx.cohort, key_encoder['peers'], key_batch_stats, images[permutation],
+        ctx.cohort,
+        key_encoder['peers'],
+        key_batch_stats,
+        images[permutation],
         self.config.bn_groups,
     )
     keys = self.embed(key_encoder['heads'], features)[:, inverse]
@@ -220,7 +240,9 @@ class MoCoMCL(Method):
     key_encoder = momentum_update(
         state['key_encoder'], {'peers': ctx.peer_params, 'heads': params['heads']}, c.key_momentum
     )
-    keys, key_batch_stats = self.keys(key_encoder, state['key_batch_stats'], batch['key_image'], ctx)
+    keys, key_batch_stats = self.keys(
+        key_encoder, state['key_batch_stats'], batch['key_image'], ctx
+    )
     logits = losses.moco_logits(queries, keys, state['queue'], c.tau)
     terms = losses.moco_mcl_terms(logits, c.kd_T)
     total = (

@@ -38,20 +38,22 @@ transition 2 + hybrid block 3 + BN + ReLU + classifier) and `first_stage=2` its 
 transition-2 output; MCL-OKD's multi-branch HCGNet-A1 shares the stem and stage 0 and gives each
 branch a `first_stage=1` tail.
 
-Differences from the reference code, none of which changes a forward pass in evaluation mode:
+Differences from the reference code, none of which changes the forward pass for given variables:
 - Initialisation copies the reference's, which is PyTorch's default everywhere (the HCGNet code has
   no init loop): conv and dense kernels and biases uniform in +-1/sqrt(fan_in), unlike the Kaiming
   fan-out convs of this package's other nets.
-- The gates' BatchNorm1d keeps a running variance of the biased batch variance (Flax), where
-  PyTorch keeps the unbiased one (a factor B / (B - 1) on batch B).
+- The running variances follow the biased batch variance (Flax), where PyTorch's follow the
+  unbiased one: a factor n / (n - 1) on the update, n = B x H x W for the maps' BatchNorm2d (as in
+  every net here) and n = B for the gates' BatchNorm1d.
 - The global context pooling (softmax and weighted sum) and the gate MLPs run in float32 at least
   (float64 in a float64 model), whatever the compute dtype; the gates are cast back to it.
 - `stage_sizes` / `stage_widths` are fixed by the growth rates (dense widths depend on the number of
   modules), so a clone with other stage sizes (L-MCL's `branch_blocks`) is refused.
 
-Paper vs code: the paper's Table 1 lists HCGNet-A1 at 1.1M parameters and A2 at 3.1M (CIFAR); the
-code above gives 1,102,651 and 3,133,679 at 100 classes, and 154.3M / 488.7M multiply-accumulates of
-its convolutions and linear layers on a 32x32 image (MCL-OKD's README: 1.10M, 0.15G for A1).
+Published figures: winycg/HCGNet's README gives A1 1.1M parameters / 0.16G FLOPs and A2 3.1M /
+0.50G (CIFAR); MCL-OKD's README A1 1.10M / 0.15G (CIFAR-100). The code above has 1,102,651 and
+3,133,679 parameters at 100 classes and 154.3M / 488.7M multiply-accumulates of its convolutions and
+linear layers on a 32x32 image (`models.count_macs`).
 """
 
 from __future__ import annotations
