@@ -20,7 +20,8 @@ PyTorch runs with OMP_WAIT_POLICY=PASSIVE (its comparators' advice on a shared m
 What runs, per env and repeat: for each K of --peers, PyTorch CE-only and JAX `independent` (the
 per-backend default strategy, `unroll` on CPU), PyTorch MCL and JAX MCL (K > 1), JAX `vmap` for
 the K of --vmap-peers; JAX with and without the XLA:CPU compile option at K = 1; the authors'
-L-MCL step and meta round against benchmarks/lmcl_step.py (ResNet-32 x 2, batch 128). Once:
+L-MCL step and meta round against benchmarks/lmcl_step.py (ResNet-32 x 2, batch 128); the
+`moco_mcl` step against `mcl` and against K = 1 (benchmarks/moco_step.py, one process). Once:
 `cohort.strategy=autotune` on the quick start (configs/fashion_mnist_mcl.py, no cache) and
 benchmarks/compile_memory.py. `--tables` prints the markdown tables of BENCHMARKS.md from --out.
 """
@@ -120,6 +121,7 @@ def plan(args) -> list[tuple[str, list[str], dict]]:
           {},
       )
   )
+  runs.append(('jax_moco_step', jax_py + [os.path.join(HERE, 'moco_step.py')], {}))
   return runs
 
 
@@ -231,6 +233,24 @@ def tables(path: str) -> str:
         ratios = [_ratio(j, t) for j, t in zip(both['mcl_jax'], both["authors' PyTorch"])]
         out.append('| JAX / PyTorch | ' + ' | '.join(_fmt(v, 2) for v in ratios) + ' |')
       out.append('')
+  for r in [r for r in rows if r['suite'] == 'jax_moco_step']:
+    out += [
+        f"`moco_mcl` step, batch 128, host malloc `{r['env']}`, one process, round-robin "
+        f"(load average {' '.join(r['loadavg_before'])}; median ms):",
+        '',
+        '| shape | moco K = 1 | moco K = 2 | mcl K = 2 | moco(2) / mcl(2) | moco(2) / moco(1) |',
+        '|---|---|---|---|---|---|',
+    ]
+    for shape in dict.fromkeys(label.split('/')[0] for label in r['step_ms_median']):
+      ms = [
+          r['step_ms_median'].get(f'{shape}/{m}') for m in ('moco_mcl_k1', 'moco_mcl_k2', 'mcl_k2')
+      ]
+      out.append(
+          f'| {shape} | ' + ' | '.join(_fmt(v) for v in ms) + ' | '
+          f"{_fmt(r['ratios'].get(f'{shape}/moco_k2_over_mcl_k2'), 2)} | "
+          f"{_fmt(r['ratios'].get(f'{shape}/moco_k2_over_moco_k1'), 2)} |"
+      )
+    out.append('')
   for r in [r for r in rows if r['suite'] == 'autotune_quickstart']:
     out += [
         f"Autotune on the quick start ({r['config']}): chose **{r['strategy']}** ({r['reason']}).",

@@ -103,7 +103,7 @@ class AbstractRun:
   method: methods.Method
   train_step: object
   state: step_lib.TrainState  # of jax.ShapeDtypeStruct
-  batch: dict  # of jax.ShapeDtypeStruct: 'image' uint8, 'label' and 'index' int32
+  batch: dict  # of jax.ShapeDtypeStruct: 'image' (host views: + 'image2') uint8, 'label', 'index'
 
 
 def abstract_run(config) -> AbstractRun:

@@ -62,13 +62,19 @@ def test_config_trains_with_its_sources_augmentation(path, arg):
   assert (aug.mean, aug.std) == data.normalization(config.data.name)
 
 
-@pytest.mark.parametrize('name', ['imagenet_mcl.py', 'imagenet_lmcl.py'])
+@pytest.mark.parametrize('name', ['imagenet_mcl.py', 'imagenet_lmcl.py', 'imagenet_moco_mcl.py'])
 def test_imagenet_configs_have_no_device_crop_or_flip(name):
   """ImageNet images are cropped and flipped once, on the host; the device only normalises."""
   config = load(os.path.join(REPO, 'configs', name)).get_config()
   aug = data.augment_spec(config)
   assert config.data.name == 'imagenet2012' and data.get(config.data.name).streamed
   assert (aug.crop_padding, aug.flip) == (0, False)
+  # MoCo's two views: both crops on the host (the device runs only the colour part).
+  run = train.abstract_run(config)
+  views = run.method.host_views
+  assert (views is not None) == (config.method.name == 'moco_mcl') == ('image2' in run.batch)
+  if views:
+    assert views.count == 2 and views.crop_scale == (0.2, 1.0)
 
 
 @pytest.mark.parametrize('path', CONFIGS, ids=os.path.basename)

@@ -38,7 +38,7 @@ class HostViews:
 
 
 def view_keys(count: int) -> tuple[str, ...]:
-  """The batch keys of ``count`` views: ``('image', 'image2', ...)`` (the first is the usual one)."""
+  """The batch keys of ``count`` views: ``('image', 'image2', ...)`` (the first: the usual key)."""
   return ('image',) + tuple(f'image{v}' for v in range(2, count + 1))
 
 

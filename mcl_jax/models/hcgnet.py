@@ -1,5 +1,5 @@
-"""CIFAR HCGNet-A1 / A2 (Yang et al., "Gated Convolutional Networks with Hybrid Connectivity for Image
-Classification", AAAI 2020), as the authors use them in MCL, L-MCL and MCL-OKD.
+"""CIFAR HCGNet-A1 / A2 (Yang et al., "Gated Convolutional Networks with Hybrid Connectivity for
+Image Classification", AAAI 2020), as the authors use them in MCL, L-MCL and MCL-OKD.
 
 Reference: winycg/L-MCL `models/hcgnet_cifar.py` at commit 2c0901efbee5ef35e90bcae751183a616bf806fa
 (`HCGNet`, `hcgnet_A1_cifar`, `hcgnet_A2_cifar`). Its modules are identical to winycg/MCL
@@ -30,9 +30,10 @@ blocks 1 and 2, then BN + ReLU, global average pooling and Dense(C_3 -> classes)
   2 C' / 4); no dense concatenation.
 
 Stages (`StagedNet` contract), split where L-MCL's `models/lmcl_hcgnet_cifar.py` taps its features:
-stem = the 3x3 conv; stage 0 = hybrid block 1 + transition 1; stage 1 = hybrid block 2 + transition 2;
-stage 2 = hybrid block 3; `pre_pool` = the final BN + ReLU. Stage widths (60, 126, 414) for A1 and
-(120, 204, 716) for A2; a 32x32 input gives stage maps 16, 8, 8 and a 28x28 input 14, 7, 7.
+stem = the 3x3 conv; stage 0 = hybrid block 1 + transition 1; stage 1 = hybrid block 2 +
+transition 2; stage 2 = hybrid block 3; `pre_pool` = the final BN + ReLU. Stage widths
+(60, 126, 414) for A1 and (120, 204, 716) for A2; a 32x32 input gives stage maps 16, 8, 8 and a
+28x28 input 14, 7, 7.
 `first_stage=1` is exactly L-MCL's auxiliary branch on the transition-1 output (hybrid block 2 +
 transition 2 + hybrid block 3 + BN + ReLU + classifier) and `first_stage=2` its branch on the
 transition-2 output; MCL-OKD's multi-branch HCGNet-A1 shares the stem and stage 0 and gives each
