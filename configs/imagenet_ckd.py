@@ -28,10 +28,8 @@ def get_config(arg=None):
   teacher_arch, student_arch = PAIRS[args['pair']]
   c = config_lib.base_config()
   c.seed = args['seed']
-  c.data.name = 'imagenet2012'  # RandomResizedCrop + flip on the host; nothing on device
-  c.data.eval_batch_size = 500
+  config_lib.set_imagenet(c)
   c.model.arch = student_arch
-  c.model.dtype = 'bfloat16'
   c.cohort.num_peers = 1
   c.teacher.arch, c.teacher.checkpoint = teacher_arch, args['teacher']
   if args['baseline']:
@@ -41,5 +39,4 @@ def get_config(arg=None):
   config_lib.set_sgd(
       c, batch_size=512, epochs=200, lr=0.2, weight_decay=1e-4, nesterov=False, schedule='cosine'
   )
-  c.log_every_steps, c.ckpt_every_steps, c.eval_every_steps = 100, 2000, 5000
   return config_lib.finish(c, args['smoke'])

@@ -32,12 +32,10 @@ def get_config(arg=None):
   )
   c = config_lib.base_config()
   c.seed = args['seed']
-  c.data.name = 'imagenet2012'  # RandomResizedCrop + flip on the host; nothing on device
-  c.data.eval_batch_size = 500
+  config_lib.set_imagenet(c)
   c.model.arch = args['arch']
   if args['arch2']:
     c.model.archs = (args['arch'], args['arch2'])
-  c.model.dtype = 'bfloat16'
   c.cohort.num_peers = 2
   c.method = methods.config(
       'lmcl',
@@ -68,5 +66,4 @@ def get_config(arg=None):
   )
   if not args['baseline']:
     c.method.meta_weight_decay = c.optim.weight_decay
-  c.log_every_steps, c.ckpt_every_steps, c.eval_every_steps = 100, 2000, 5000
   return config_lib.finish(c, args['smoke'])

@@ -24,10 +24,8 @@ def get_config(arg=None):
   )
   c = config_lib.base_config()
   c.seed = args['seed']
-  c.data.name = 'imagenet2012'  # RandomResizedCrop + flip on the host; nothing on device
-  c.data.eval_batch_size = 500
+  config_lib.set_imagenet(c)
   c.model.arch = args['arch']
-  c.model.dtype = 'bfloat16'
   c.cohort.num_peers = 1 if args['baseline'] else args['peers']
   c.method = methods.config(
       'mcl',
@@ -50,5 +48,4 @@ def get_config(arg=None):
       schedule='multistep',
       milestones=(30, 60),
   )
-  c.log_every_steps, c.ckpt_every_steps, c.eval_every_steps = 100, 2000, 5000
   return config_lib.finish(c, args['smoke'])

@@ -22,9 +22,7 @@ def get_config(arg=None):
   args = config_lib.parse_arg(arg, arch='resnet34', branches=4, baseline=False, seed=0, smoke=False)
   c = config_lib.base_config()
   c.seed = args['seed']
-  c.data.name = 'imagenet2012'  # RandomResizedCrop + flip on the host; nothing on device
-  c.data.eval_batch_size = 500
-  c.model.dtype = 'bfloat16'
+  config_lib.set_imagenet(c)
   c.cohort.num_peers = 1  # one multi-branch network; its branches are the peers
   if args['baseline']:
     c.model.arch = args['arch']
@@ -37,5 +35,4 @@ def get_config(arg=None):
   config_lib.set_sgd(
       c, batch_size=128, epochs=100, lr=0.05, weight_decay=1e-4, nesterov=True, schedule='cosine'
   )
-  c.log_every_steps, c.ckpt_every_steps, c.eval_every_steps = 100, 2000, 5000
   return config_lib.finish(c, args['smoke'])

@@ -39,10 +39,8 @@ def get_config(arg=None):
   args = config_lib.parse_arg(arg, arch='resnet18', peers=2, seed=0, smoke=False)
   c = config_lib.base_config()
   c.seed = args['seed']
-  c.data.name = 'imagenet2012'  # two RandomResizedCrop + flip views per image on the host
-  c.data.eval_batch_size = 500
+  config_lib.set_imagenet(c)
   c.model.arch = args['arch']
-  c.model.dtype = 'bfloat16'
   c.cohort.num_peers = args['peers']
   c.method = methods.config(
       'moco_mcl',
@@ -66,5 +64,5 @@ def get_config(arg=None):
       milestones=(120, 160),
   )
   # The classifiers are not trained: evaluate them rarely (a check that the run is alive).
-  c.log_every_steps, c.ckpt_every_steps, c.eval_every_steps = 100, 2000, 50000
+  c.eval_every_steps = 50000
   return config_lib.finish(c, args['smoke'])

@@ -124,6 +124,14 @@ def set_cifar100(c: ml_collections.ConfigDict) -> None:
   c.log_every_steps, c.ckpt_every_steps = 100, 2000
 
 
+def set_imagenet(c: ml_collections.ConfigDict) -> None:
+  """ImageNet from tfds, streamed (RandomResizedCrop + flip on the host, nothing on device),
+  bfloat16 compute, the long-run logging of the ImageNet recipes."""
+  c.data.name, c.data.eval_batch_size = 'imagenet2012', 500
+  c.model.dtype = 'bfloat16'
+  c.log_every_steps, c.ckpt_every_steps, c.eval_every_steps = 100, 2000, 5000
+
+
 def set_fashion_mnist(c: ml_collections.ConfigDict, epochs: float) -> None:
   """The embedded Fashion-MNIST recipe of the CPU benchmarks: batch 128, SGD-Nesterov lr 0.1,
   weight decay 5e-4, cosine stepped per step, for `epochs` epochs; log every 50 steps."""

@@ -10,12 +10,11 @@ import sys
 
 import chex
 import jax
-import numpy as np
 import pytest
 
 from mcl_jax import autotune, cohort as cohort_lib, train
 
-from support import REPO, tiny_config
+from support import REPO, max_relative_difference, tiny_config
 from test_train import restore_final_state
 
 HELPER = os.path.join(REPO, 'tests', 'support', 'autotune_devices.py')
@@ -26,18 +25,6 @@ def cache(tmp_path, monkeypatch):
   path = str(tmp_path / 'cache' / 'autotune.json')
   monkeypatch.setenv(autotune.CACHE_ENV, path)
   return path
-
-
-def max_relative_difference(a, b) -> float:
-  """max over float leaves of max|a - b| / max|b| (the leaf's scale)."""
-
-  def rel(x, y):
-    x, y = np.asarray(x), np.asarray(y)
-    if not np.issubdtype(y.dtype, np.floating):
-      return 0.0 if np.array_equal(x, y) else np.inf
-    return float(np.max(np.abs(x - y)) / max(float(np.max(np.abs(y))), 1e-12))
-
-  return max(jax.tree.leaves(jax.tree.map(rel, a, b)))
 
 
 def test_cache_path_and_lookup_order(tmp_path, monkeypatch):

@@ -11,10 +11,11 @@ import math
 import os
 
 import jax
-import numpy as np
 import pytest
 
 from mcl_jax import cli, cohort as cohort_lib, train
+
+from support import max_relative_difference
 
 # arch -> the methods its paper rows train it with on top of MCL (L-MCL for the nets of L-MCL's
 # tables); multi-branch nets (MCL-OKD) train as one network whose branches are the peers.
@@ -56,16 +57,6 @@ def test_trains_through_the_smoke_path(arch, method, tmp_path):
   assert final['step'] == 2 and 0.0 <= final['eval/best_peer/top1'] <= 1.0
 
 
-def _max_relative_difference(a, b) -> float:
-  def rel(x, y):
-    x, y = np.asarray(x), np.asarray(y)
-    if not np.issubdtype(y.dtype, np.floating):
-      return 0.0 if np.array_equal(x, y) else np.inf
-    return float(np.max(np.abs(x - y)) / max(float(np.max(np.abs(y))), 1e-12))
-
-  return max(jax.tree.leaves(jax.tree.map(rel, a, b)))
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize('arch', list(NEW_ARCHS))
 def test_strategies_take_the_same_step(arch):
@@ -90,4 +81,4 @@ def test_strategies_take_the_same_step(arch):
           jax.device_put(state, exp.state_sharding), exp.batch(0), exp.frozen
       )
       out[s] = jax.device_get((new_state, metrics))
-  assert _max_relative_difference(out['vmap'], out['unroll']) < 1e-9
+  assert max_relative_difference(out['vmap'], out['unroll']) < 1e-9
