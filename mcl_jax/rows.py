@@ -57,10 +57,6 @@ class Row:
     stem = path.rsplit('/', 1)[-1].removesuffix('.py')
     return re.sub(r'[^A-Za-z0-9_]+', '_', f'{stem}_{arg}').strip('_')
 
-  @property
-  def data(self) -> str:
-    return 'imagenet2012' if 'imagenet' in self.config else 'cifar100'
-
   def command(self, workdir_root: str = 'workdirs') -> str:
     return (
         f'python -m mcl_jax.main --config {self.config} --workdir {workdir_root}/{self.slug} '
