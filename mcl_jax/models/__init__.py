@@ -1,8 +1,8 @@
 """Model zoo: `get_model(arch, num_classes)` returns a flax.linen Module.
 
 Every model maps NHWC images [B, H, W, C] to a dict with
-  'logits'  [B, num_classes] float32,
-  'feature' [B, model.feature_dim] float32 (the pooled input of the classifier),
+  'logits'  [B, num_classes] float32 (float64 in a float64 model),
+  'feature' [B, model.feature_dim] same dtype as the logits (the pooled input of the classifier),
   'stages'  tuple of per-stage feature maps [B, H_s, W_s, C_s],
 and keeps BatchNorm statistics in the `batch_stats` collection:
 
@@ -86,7 +86,8 @@ def get_model(arch: str, num_classes: int, dtype=jnp.float32, *, first_stage: in
   Args:
     arch: architecture name, e.g. 'resnet32', 'wrn_16_2', 'resnet50'.
     num_classes: classifier width.
-    dtype: compute dtype of convolutions and BatchNorm (params, feature and logits stay float32).
+    dtype: compute dtype of convolutions and BatchNorm (params stay float32; feature and logits are
+      float32, float64 in a float64 model).
     first_stage: > 0 builds only stages first_stage.. + pool + classifier, applied to the output map
       of stage first_stage - 1 (L-MCL auxiliary branches; archs registered with stage_tails).
   """

@@ -52,10 +52,11 @@ def batch_norm(train: bool, *, dtype: Dtype, name: str | None = None) -> nn.Batc
   )
 
 
-def classifier(num_classes: int, fan_in: int) -> nn.Dense:
+def classifier(num_classes: int, fan_in: int, dtype: Dtype = jnp.float32) -> nn.Dense:
   """Linear classifier with torch.nn.Linear's default init (U(+-1/sqrt(fan_in)) for weight and bias).
 
-  Computed in float32 whatever the backbone dtype: it is tiny, and logits feed softmax/KL losses.
+  Computed in `dtype`: float32 at least whatever the backbone dtype (`StagedNet.head_dtype`): it is
+  tiny, and logits feed softmax/KL losses.
   """
   bound = fan_in**-0.5
 
@@ -64,7 +65,7 @@ def classifier(num_classes: int, fan_in: int) -> nn.Dense:
 
   return nn.Dense(
       num_classes,
-      dtype=jnp.float32,
+      dtype=dtype,
       kernel_init=nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform'),
       bias_init=bias_init,
       name='classifier',
@@ -210,10 +211,16 @@ class StagedNet(nn.Module):
         name=f'stage{i}',
     )
 
+  @property
+  def head_dtype(self) -> Dtype:
+    """Dtype of the pooling and the classifier: float32 for float32 and bfloat16 backbones (a bf16
+    sum over H*W positions loses precision), float64 for float64 ones (the strategy checks)."""
+    return jnp.promote_types(self.dtype, jnp.float32)
+
   def make_classifier(self) -> nn.Module:
-    """The classifier, named `classifier` ([B, feature_dim] float32 -> [B, num_classes]), with
+    """The classifier, named `classifier` ([B, feature_dim] head_dtype -> [B, num_classes]), with
     torch's default `nn.Linear` init; nets whose authors initialise it otherwise override this."""
-    return classifier(self.num_classes, self.feature_dim)
+    return classifier(self.num_classes, self.feature_dim, self.head_dtype)
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> dict[str, Any]:
@@ -241,8 +248,7 @@ class StagedNet(nn.Module):
     if self.end_stage:
       return {'stages': tuple(stages)}
     x = self.pre_pool(x, train)
-    # Pool in float32: a bf16 sum over H*W positions loses precision.
-    feature = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    feature = jnp.mean(x.astype(self.head_dtype), axis=(1, 2))
     logits = self.make_classifier()(feature)
     return {'logits': logits, 'feature': feature, 'stages': tuple(stages)}
 

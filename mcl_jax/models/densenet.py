@@ -127,7 +127,7 @@ class DenseNet(StagedNet):
     # The authors zero the bias; the weight keeps torch's default U(+-1/sqrt(fan_in)).
     return nn.Dense(
         self.num_classes,
-        dtype=jnp.float32,
+        dtype=self.head_dtype,
         kernel_init=nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform'),
         bias_init=nn.initializers.zeros,
         name='classifier',

@@ -78,7 +78,7 @@ class MaxPoolVGG(VGG):
   def make_classifier(self) -> nn.Module:
     return nn.Dense(
         self.num_classes,
-        dtype=jnp.float32,
+        dtype=self.head_dtype,
         kernel_init=nn.initializers.normal(0.01),
         bias_init=nn.initializers.zeros,
         name='classifier',
