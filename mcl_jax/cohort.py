@@ -73,6 +73,12 @@ class PeerGroup:
   arch: str
   num_branches: int = 1
 
+  @property
+  def num_views(self) -> int:
+    """The group's entries on the peer axis of the cohort's logits: every branch of a
+    multi-branch model is a view, so num_peers * num_branches (num_peers when single-branch)."""
+    return self.num_peers * self.num_branches
+
 
 @dataclasses.dataclass(frozen=True)
 class Cohort:
@@ -85,6 +91,11 @@ class Cohort:
   @property
   def num_peers(self) -> int:
     return sum(g.num_peers for g in self.groups)
+
+  @property
+  def num_views(self) -> int:
+    """Length of the peer axis of `apply`'s 'logits': the groups' `num_views` summed."""
+    return sum(g.num_views for g in self.groups)
 
   @property
   def feature_dims(self) -> tuple[int, ...]:
@@ -123,11 +134,16 @@ class Cohort:
       )
       group_outputs.append(out)
       new_stats.append(stats)
-    # A multi-branch model's logits [K_g, M, B, C] count as K_g * M peers (MCL-OKD's branches).
-    logits = jnp.concatenate(
-        [o['logits'].reshape((-1,) + o['logits'].shape[-2:]) for o in group_outputs], axis=0
-    )
+    # A multi-branch model's logits [K_g, M, B, C] count as K_g * M peers (its views).
+    logits = jnp.concatenate([flatten_views(o['logits']) for o in group_outputs], axis=0)
     return {'logits': logits, 'groups': tuple(group_outputs)}, tuple(new_stats)
+
+
+def flatten_views(x):
+  """A group's per-peer outputs `[K_g, B, d]`, or `[K_g, M, B, d]` for a multi-branch model, as
+  `[K_g * M, B, d]`: one entry per view, the branches of a peer consecutive (the order of the
+  cohort's 'logits'). A no-op for a single-branch group."""
+  return x.reshape((-1,) + x.shape[-2:])
 
 
 def peer_axis_size(mesh, num_peers: int) -> int:

@@ -149,6 +149,26 @@ def set_fashion_mnist(c: ml_collections.ConfigDict, epochs: float) -> None:
   c.log_every_steps, c.ckpt_every_steps = 50, 500
 
 
+def mcl_cohort(arch: str, peers: int, branches: int, baseline: bool) -> tuple[str, int]:
+  """(model.arch, cohort.num_peers) of the MCL recipes' `peers` / `branches` arguments.
+
+  branches=1: `peers` independent `arch` networks (0: the default, 2). branches=M > 1: `peers`
+  (0: the default, 1) shared-trunk networks `<arch>_okd<M>` (mcl_jax/models/okd.py), each of whose
+  M branches is a peer of the losses: the authors' MCL(x4) networks for M = 4
+  (docs/methods.md#mcl-multi-branch-networks). baseline: one plain `arch` network.
+  """
+  if branches < 1 or peers < 0:
+    raise ValueError(
+        f'Config arguments branches={branches} (must be >= 1) and peers={peers} (must be >= 0; '
+        '0 picks the default).'
+    )
+  if baseline:
+    return arch, 1
+  if branches == 1:
+    return arch, peers or 2
+  return f'{arch}_okd{branches}', peers or 1
+
+
 def finish(c: ml_collections.ConfigDict, smoke: bool) -> ml_collections.ConfigDict:
   """The config as returned by `get_config`: shrunk by `apply_smoke` when asked."""
   return apply_smoke(c) if smoke else c

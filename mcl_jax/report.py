@@ -9,6 +9,11 @@ and prints a Markdown table with, per group, mean ± std over seeds of:
   per-peer top-1 on them (how well the peers fit their training set),
 - when peers were probed by `python -m mcl_jax.linear_eval`, the linear-evaluation top-1 of peer 0
   and of the best peer.
+
+`--paired-with NAME` adds a second table: each other group minus the group whose name contains
+NAME, seed by seed (only the seeds both ran), as mean ± std of the paired differences in points
+and how many seeds the difference is > 0. Seeds share the data order and the initialisation
+draws, so paired differences cancel much of the seed-to-seed spread that unpaired means carry.
 """
 
 from __future__ import annotations
@@ -137,17 +142,28 @@ LINEAR_COLUMNS = [
 ]
 
 
-def table(workdirs) -> str:
+def summaries(workdirs) -> dict[str, list[dict]]:
+  """{group name: its runs' summaries}, groups in the order they first appear."""
   groups: dict[str, list[dict]] = {}
   for w in workdirs:
     s = run_summary(w)
     groups.setdefault(s['group'], []).append(s)
+  return groups
+
+
+def columns_of(groups: dict[str, list[dict]]) -> list[tuple[str, str]]:
   runs_all = [r for runs in groups.values() for r in runs]
   columns = COLUMNS + (
       [TRAIN_COLUMN] if any(r['final_train_mean_peer'] is not None for r in runs_all) else []
   )
   if any(r['linear_peer0'] is not None for r in runs_all):
     columns += LINEAR_COLUMNS
+  return columns
+
+
+def table(workdirs) -> str:
+  groups = summaries(workdirs)
+  columns = columns_of(groups)
   lines = [
       '| run | seeds | steps | ' + ' | '.join(title for _, title in columns) + ' |',
       '|---|---|---|' + '---|' * len(columns),
@@ -165,12 +181,64 @@ def table(workdirs) -> str:
   return '\n'.join(lines)
 
 
+def paired_table(workdirs, reference: str) -> str:
+  """Each group minus the reference group (the one whose name contains `reference`), seed by
+  seed: mean ± std of the differences in points, and `wins/n` seeds where it is > 0."""
+  groups = summaries(workdirs)
+  matches = [name for name in groups if reference in name]
+  if len(matches) != 1:
+    raise ValueError(
+        f'--paired-with {reference!r} matches {len(matches)} groups; it must name exactly one '
+        'of: ' + '; '.join(groups)
+    )
+  ref = {r['seed']: r for r in groups[matches[0]]}
+  columns = columns_of(groups)
+  lines = [
+      f'Paired differences (points) against {matches[0]}, seed by seed:',
+      '',
+      '| run | seeds | ' + ' | '.join(title for _, title in columns) + ' |',
+      '|---|---|' + '---|' * len(columns),
+  ]
+  for name, runs in groups.items():
+    if name == matches[0]:
+      continue
+    paired = sorted((r for r in runs if r['seed'] in ref), key=lambda r: r['seed'])
+    if not paired:
+      continue
+    cells = []
+    for key, _ in columns:
+      diffs = [
+          100 * (r[key] - ref[r['seed']][key])
+          for r in paired
+          if r[key] is not None and ref[r['seed']][key] is not None
+      ]
+      cells.append(signed_mean_std(diffs) if diffs else '—')
+    seeds = ','.join(str(r['seed']) for r in paired)
+    lines.append(f'| {name} | {seeds} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
+def signed_mean_std(diffs) -> str:
+  wins = f'{sum(d > 0 for d in diffs)}/{len(diffs)}'
+  if len(diffs) == 1:
+    return f'{diffs[0]:+.2f} ({wins})'
+  return f'{statistics.mean(diffs):+.2f} ± {statistics.stdev(diffs):.2f} ({wins})'
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('workdirs', nargs='+')
+  parser.add_argument(
+      '--paired-with',
+      metavar='NAME',
+      help='also print every group minus the group whose name contains NAME, seed by seed',
+  )
   args = parser.parse_args(argv)
   with cli.user_errors('mcl_jax.report', workdir_lib.WorkdirError, OSError, ValueError):
+    paired = paired_table(args.workdirs, args.paired_with) if args.paired_with else None
     print(table(args.workdirs))
+    if paired:
+      print('\n' + paired)
 
 
 if __name__ == '__main__':

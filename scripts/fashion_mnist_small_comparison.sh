@@ -9,7 +9,8 @@
 # when it finishes, its record (config.json, metrics.jsonl) is copied to results/small/NAME, and
 # a run with a record is skipped. A killed run resumes from its checkpoint when the script runs
 # again. WORKERS (default 1) runs that many at once (a run is claimed with flock, released when
-# its worker dies). Then it prints python -m mcl_jax.report results/small/*.
+# its worker dies). Then it prints python -m mcl_jax.report results/small/* with the paired
+# differences against independent peers (--paired-with "· independent ·").
 # Each run takes up to ~15 min alone on a 2-core CPU (L-MCL the longest; lmcl_meta7 ~30 min),
 # 39 runs in all.
 set -uo pipefail
@@ -72,4 +73,4 @@ worker() {
 
 for w in $(seq 1 "$WORKERS"); do worker & done
 wait
-"$PY" -m mcl_jax.report "$RECORDS"/*_s*
+"$PY" -m mcl_jax.report "$RECORDS"/*_s* --paired-with "· independent ·"

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mcl_jax import cohort as cohort_lib
 from mcl_jax import config_lib, losses, methods
 from mcl_jax.methods import mcl as mcl_lib
 from mcl_jax.step import LossContext
@@ -47,12 +48,16 @@ def test_dml_matches_numpy():
 
 
 class FakeCohort:
-  """Just what methods read from a cohort: groups of peers and their feature widths."""
+  """Just what methods read from a cohort: groups of (single-branch) peers and their feature
+  widths."""
 
   def __init__(self, sizes_and_dims):
-    self.groups = tuple(type('G', (), {'num_peers': k}) for k, _ in sizes_and_dims)
+    self.groups = tuple(
+        cohort_lib.PeerGroup(None, k, f'fake{g}') for g, (k, _) in enumerate(sizes_and_dims)
+    )
     self.feature_dims = tuple(d for _, d in sizes_and_dims)
     self.num_peers = sum(k for k, _ in sizes_and_dims)
+    self.num_views = self.num_peers
 
 
 def test_mcl_method_equals_loss_function_on_head_embeddings():
@@ -175,6 +180,112 @@ def test_memory_bank_method_updates_own_slots_only():
   np.testing.assert_allclose(np.linalg.norm(new_state['memory'][:, own], axis=-1), 1.0, rtol=1e-5)
   grads = jax.grad(lambda p: loss_fn(p)[0])(params)
   assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+
+
+def _multi_branch_views(num_peers, images):
+  """A cohort of `num_peers` resnet8_okd2 (shared stem + stage 0, two branches: the form of the
+  authors' MCL(x4) nets), applied to `images`: (cohort, outputs, per-view features and logits
+  in the order the views take on the peer axis: peer-major, branch-minor)."""
+  from support import tiny_config
+
+  config = tiny_config(**{'model.arch': 'resnet8_okd2', 'cohort.num_peers': num_peers})
+  cohort = cohort_lib.build_cohort(config.model, config.cohort, num_classes=5)
+  assert cohort.num_peers == num_peers and cohort.num_views == 2 * num_peers
+  variables = cohort.init(jax.random.key(1), images)
+  outputs, _ = cohort.apply(*variables, images, train=False)
+  group = outputs['groups'][0]
+  assert group['feature'].shape[:3] == (num_peers, 2, images.shape[0])
+  views = [(k, m) for k in range(num_peers) for m in range(2)]
+  features = [group['feature'][k, m] for k, m in views]
+  logits = jnp.stack([group['logits'][k, m] for k, m in views])
+  np.testing.assert_array_equal(outputs['logits'], logits)
+  return cohort, outputs, features, logits
+
+
+def _view_embeddings(method, head_params, features):
+  """Each view's own head (index v of the stacked heads) on that view's feature."""
+  emb = [
+      method.head.apply({'params': jax.tree.map(lambda x: x[v], head_params)}, f)
+      for v, f in enumerate(features)
+  ]
+  return jnp.stack(emb)
+
+
+def test_mcl_on_a_multi_branch_net_contrasts_every_branch_as_a_peer():
+  """MCL on shared-trunk multi-branch nets (the MCL(x4) rows): 2 peers of resnet8_okd2 are 4
+  views, each with its own head; the method's loss is losses.mcl_loss (in-batch, with logit KD)
+  on the 4 views' embeddings and logits."""
+  images = jax.random.normal(jax.random.key(0), (6, 16, 16, 3))
+  labels = jnp.asarray([0, 0, 1, 1, 2, 2])
+  cohort, outputs, features, logits = _multi_branch_views(2, images)
+  cfg = method_config(name='mcl', embed_dim=16, logit_kd=True)
+  method = methods.build(cfg)
+  params, state = method.init(jax.random.key(2), cohort, np.zeros(10, np.int32))
+  assert state == {}
+  assert {leaf.shape[0] for leaf in jax.tree.leaves(params['heads'])} == {4}
+  total, terms, _ = method.loss(params, state, outputs, {'label': labels}, ctx())
+
+  emb = _view_embeddings(method, params['heads'][0], features)
+  assert not np.allclose(emb[0], emb[1], atol=1e-3)  # the branches of a peer differ
+  ref_total, ref_terms = losses.mcl_loss(
+      emb,
+      logits,
+      labels,
+      tau=cfg.tau,
+      T=cfg.kd_T,
+      alpha=cfg.alpha,
+      beta=cfg.beta,
+      gamma=cfg.gamma,
+      lam=cfg.lam,
+      logit_kd=True,
+  )
+  chex.assert_trees_all_close((total, terms), (ref_total, ref_terms), rtol=1e-5)
+  assert float(terms['icl']) > 0 and float(terms['kd']) > 0
+
+
+def test_mcl_memory_bank_on_a_multi_branch_net_keeps_one_memory_per_view():
+  """The memory-bank variant on one resnet8_okd2 (as an MCL(x4) row: one net, its branches the
+  peers): one head and one memory `[N, D]` per branch, the terms of
+  losses.memory_vcl_icl_losses on the branches' embeddings, each branch's memory updated with its
+  own embeddings."""
+  own = jnp.asarray([3, 8, 13])
+  labels_all = np.arange(20, dtype=np.int32) % 4
+  images = jax.random.normal(jax.random.key(0), (3, 16, 16, 3))
+  cohort, outputs, features, logits = _multi_branch_views(1, images)
+  cfg = method_config(
+      name='mcl', embed_dim=8, memory_bank=True, num_positives=1, num_negatives=5, logit_kd=True
+  )
+  method = methods.build(cfg)
+  params, state = method.init(jax.random.key(2), cohort, labels_all)
+  assert state['memory'].shape == (2, 20, 8)
+  assert {leaf.shape[0] for leaf in jax.tree.leaves(params['heads'])} == {2}
+  batch = {'label': jnp.asarray(labels_all[own]), 'index': own}
+  total, terms, new_state = method.loss(params, state, outputs, batch, ctx(jax.random.key(4)))
+
+  emb = _view_embeddings(method, params['heads'][0], features)
+  idx = mcl_lib.sample_contrast_indices(
+      jax.random.key(4), own, batch['label'], state, cfg.num_positives, cfg.num_negatives
+  )
+  ref = losses.memory_vcl_icl_losses(
+      emb, state['memory'], idx, cfg.num_positives, cfg.tau, cfg.kd_T
+  )
+  ref['ce'] = losses.ce_loss(logits, batch['label'])
+  ref['kd'] = losses.logit_kd_loss(logits, cfg.kd_T)
+  chex.assert_trees_all_close(terms, ref, rtol=1e-5)
+  ref_total = (
+      ref['ce']
+      + ref['kd']
+      + cfg.alpha * ref['vcl']
+      + cfg.gamma * ref['soft_vcl']
+      + cfg.beta * ref['icl']
+      + cfg.lam * ref['soft_icl']
+  )
+  np.testing.assert_allclose(total, ref_total, rtol=1e-5)
+  chex.assert_trees_all_close(
+      new_state['memory'],
+      losses.memory_update(state['memory'], emb, own, cfg.memory_momentum),
+      rtol=1e-5,
+  )
 
 
 def test_methods_own_their_keys_and_validate_them():

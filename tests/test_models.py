@@ -1,7 +1,5 @@
 """Tests of the model zoo: parameter counts, output contract, BatchNorm state, bf16, stage slicing."""
 
-import functools
-
 import chex
 import jax
 import jax.numpy as jnp
@@ -9,6 +7,8 @@ import numpy as np
 import pytest
 
 from mcl_jax import models
+
+from support import abstract_variables, num_params
 
 CIFAR_ARCHS = (
     'resnet8',
@@ -43,16 +43,6 @@ REFERENCE_MILLIONS = {
     'resnet34': 21.80,
     'resnet50': 25.56,
 }
-
-
-def _abstract_variables(model, input_shape):
-  # `train` is bound outside eval_shape: it must stay a Python bool, not a traced argument.
-  init = functools.partial(model.init, train=False)
-  return jax.eval_shape(init, jax.random.key(0), jnp.zeros(input_shape))
-
-
-def _num_params(variables):
-  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables['params']))
 
 
 def _conv(cin, cout, k=3):
@@ -96,8 +86,8 @@ def test_archs_registered():
 @pytest.mark.parametrize('arch', CIFAR_ARCHS + IMAGENET_ARCHS)
 def test_param_count_matches_reference(arch):
   num_classes, size = (1000, 224) if arch in IMAGENET_ARCHS else (100, 32)
-  variables = _abstract_variables(models.get_model(arch, num_classes), (1, size, size, 3))
-  assert round(_num_params(variables) / 1e6, 2) == REFERENCE_MILLIONS[arch]
+  variables = abstract_variables(models.get_model(arch, num_classes), (1, size, size, 3))
+  assert round(num_params(variables) / 1e6, 2) == REFERENCE_MILLIONS[arch]
   assert set(variables) == {'params', 'batch_stats'}
 
 
@@ -115,8 +105,8 @@ def test_param_count_matches_reference(arch):
     ],
 )
 def test_exact_param_count(arch, exact):
-  variables = _abstract_variables(models.get_model(arch, 100), (1, 32, 32, 3))
-  assert _num_params(variables) == exact
+  variables = abstract_variables(models.get_model(arch, 100), (1, 32, 32, 3))
+  assert num_params(variables) == exact
 
 
 @pytest.mark.parametrize('arch', CIFAR_ARCHS)
@@ -124,7 +114,7 @@ def test_exact_param_count(arch, exact):
 def test_cifar_output_contract(arch, image_shape):
   model = models.get_model(arch, 10)
   x = jnp.zeros((2, *image_shape))
-  variables = _abstract_variables(model, x.shape)
+  variables = abstract_variables(model, x.shape)
   out = jax.eval_shape(lambda v: model.apply(v, x, train=False), variables)
 
   assert out['logits'].shape == (2, 10) and out['logits'].dtype == jnp.float32
@@ -140,9 +130,7 @@ def test_cifar_output_contract(arch, image_shape):
 def test_imagenet_output_contract(arch):
   model = models.get_model(arch, 1000)
   x = jnp.zeros((2, 224, 224, 3))
-  out = jax.eval_shape(
-      lambda v: model.apply(v, x, train=False), _abstract_variables(model, x.shape)
-  )
+  out = jax.eval_shape(lambda v: model.apply(v, x, train=False), abstract_variables(model, x.shape))
   chex.assert_shape(out['logits'], (2, 1000))
   chex.assert_shape(out['feature'], (2, model.feature_dim))
   expansion = 4 if arch == 'resnet50' else 1
@@ -239,7 +227,7 @@ def test_first_stage_tail_matches_full_network(arch):
   for first_stage in (1, 2):
     tail = models.get_model(arch, 10, first_stage=first_stage)
     stage_input = full_out['stages'][first_stage - 1]
-    tail_variables = _abstract_variables(tail, stage_input.shape)
+    tail_variables = abstract_variables(tail, stage_input.shape)
     for collection, tree in tail_variables.items():
       assert 'stem_conv' not in tree and f'stage{first_stage - 1}' not in tree
       chex.assert_trees_all_equal_shapes(tree, {k: variables[collection][k] for k in tree})
@@ -255,4 +243,4 @@ def test_first_stage_tail_matches_full_network(arch):
 def test_first_stage_out_of_range_raises():
   model = models.get_model('resnet8', 10, first_stage=3)
   with pytest.raises(ValueError, match='first_stage'):
-    _abstract_variables(model, (1, 8, 8, 64))
+    abstract_variables(model, (1, 8, 8, 64))

@@ -17,7 +17,7 @@ reference's own float32 error is ~1e-5), and hcgnet_a1_okd4's eval-mode logits e
 
 `tests/data/hcgnet_tiny_reference.npz` pins the forward pass against the reference without PyTorch:
 the reference `HCGNet(growth_rate=(4, 8, 12), block_config=(2, 1, 1), num_classes=10)` (the same
-modules as A1 / A2, fewer and narrower) was given the variables `_draw_variables(abstract, seed=0)`
+modules as A1 / A2, fewer and narrower) was given the variables `draw_variables(abstract, seed=0)`
 draws for `TINY` (kernels transposed to torch's layout; 1x1 convs with bias from the Dense kernels),
 and run on the stored images `x` [4, 32, 32, 3] (NHWC here, NCHW there) in eval mode
 (`logits_eval`) and, from the same state, in train mode (`logits_train`, and the updated running
@@ -35,6 +35,8 @@ import pytest
 
 from mcl_jax import models
 from mcl_jax.models import hcgnet, okd
+
+from support import abstract_variables, draw_variables, tree_size
 
 # arch -> (params at 100 classes, BatchNorm running-stat entries, MACs per 32x32x3 image): the
 # reference modules' exact figures.
@@ -54,40 +56,11 @@ TINY = hcgnet.hcgnet((4, 8, 12), (2, 1, 1))
 REFERENCE_DATA = os.path.join(os.path.dirname(__file__), 'data', 'hcgnet_tiny_reference.npz')
 
 
-def _abstract_variables(model, input_shape):
-  # `train` is bound outside eval_shape: it must stay a Python bool, not a traced argument.
-  init = functools.partial(model.init, train=False)
-  return jax.eval_shape(init, jax.random.key(0), jnp.zeros(input_shape))
-
-
-def _size(tree):
-  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
-
-
 @functools.cache
 def _variables_of(arch, channels):
   """Abstract variables of `arch` at 100 classes for `channels`-channel images (cached: tracing an
   HCGNet init takes seconds; the shapes do not depend on the image size)."""
-  return _abstract_variables(models.get_model(arch, 100), (1, 32, 32, channels))
-
-
-def _draw_variables(abstract, seed=0):
-  """Concrete variables for an abstract tree, drawn with NumPy in the tree's leaf order (no init
-  to compile). Kernels N(0, 2 / fan_in); BN scales 1 + N(0, 0.1^2); biases, BN offsets and running
-  means N(0, 0.1^2); running variances U(0.5, 1.5)."""
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    name = path[-1].key
-    if name == 'kernel':
-      return rng.normal(0.0, np.sqrt(2.0 / np.prod(leaf.shape[:-1])), leaf.shape)
-    if name == 'var':
-      return rng.uniform(0.5, 1.5, leaf.shape)
-    return float(name == 'scale') + 0.1 * rng.normal(size=leaf.shape)
-
-  return jax.tree_util.tree_map_with_path(
-      lambda p, x: jnp.asarray(draw(p, x), jnp.float32), abstract
-  )
+  return abstract_variables(models.get_model(arch, 100), (1, 32, 32, channels))
 
 
 def test_archs_registered():
@@ -103,8 +76,8 @@ def test_params_and_macs_match_reference(arch):
   params, running_stats, macs = REFERENCE[arch]
   variables = _variables_of(arch, 3)
   assert set(variables) == {'params', 'batch_stats'}
-  assert _size(variables['params']) == params
-  assert _size(variables['batch_stats']) == running_stats  # torch's running_mean + running_var
+  assert tree_size(variables['params']) == params
+  assert tree_size(variables['batch_stats']) == running_stats  # torch's running_mean + running_var
   assert round(params / 1e6, 2 if arch == 'hcgnet_a1' else 1) == PUBLISHED_PARAMS_M[arch]
   ours = models.count_macs(models.get_model(arch, 100), (32, 32, 3))
   assert ours == macs
@@ -116,13 +89,13 @@ def test_params_and_macs_match_reference(arch):
 def test_multi_branch_params_and_macs_match_reference():
   """MCL-OKD's default 4 branches built and counted; 2 and 3 from its shared and branch subtrees."""
   model = models.get_model('hcgnet_a1_okd4', 100)
-  params = _abstract_variables(model, (1, 32, 32, 3))['params']
+  params = abstract_variables(model, (1, 32, 32, 3))['params']
   # Shared: the stem conv and stage 0 (HybridBlock1 + Transition1); per branch: the rest.
   assert sorted(params) == ['branch0', 'branch1', 'branch2', 'branch3', 'stage0', 'stem_conv']
-  shared = _size(params['stem_conv']) + _size(params['stage0'])
+  shared = tree_size(params['stem_conv']) + tree_size(params['stage0'])
   for m in okd.BRANCH_COUNTS:
-    assert shared + m * _size(params['branch0']) == REFERENCE[f'hcgnet_a1_okd{m}'][0]
-  assert _size(params) == REFERENCE['hcgnet_a1_okd4'][0]
+    assert shared + m * tree_size(params['branch0']) == REFERENCE[f'hcgnet_a1_okd{m}'][0]
+  assert tree_size(params) == REFERENCE['hcgnet_a1_okd4'][0]
   assert models.count_macs(model, (32, 32, 3)) == REFERENCE['hcgnet_a1_okd4'][2]
 
 
@@ -153,7 +126,7 @@ def test_bf16_compute_keeps_float32_logits():
   out = jax.eval_shape(lambda v: model.apply(v, x, train=False), variables)
   assert out['logits'].dtype == jnp.float32 and out['feature'].dtype == jnp.float32
   assert all(s.dtype == jnp.bfloat16 for s in out['stages'])
-  init = _abstract_variables(model, x.shape)
+  init = abstract_variables(model, x.shape)
   chex.assert_trees_all_equal_shapes_and_dtypes(init, variables)  # float32 parameters and stats
 
 
@@ -163,7 +136,7 @@ def tiny_run():
   data = np.load(REFERENCE_DATA)
   model = TINY(num_classes=10)
   x = jnp.asarray(data['x'])
-  variables = _draw_variables(_abstract_variables(model, x.shape))
+  variables = draw_variables(abstract_variables(model, x.shape))
 
   def both(variables, x):
     eval_out = model.apply(variables, x, train=False)
@@ -223,7 +196,7 @@ def test_first_stage_tails_match_full_network(tiny_run):
   for first_stage in (1, 2):
     tail = TINY(num_classes=10, first_stage=first_stage)
     stage_input = full_out['stages'][first_stage - 1]
-    tail_variables = _abstract_variables(tail, stage_input.shape)
+    tail_variables = abstract_variables(tail, stage_input.shape)
     for tree in tail_variables.values():
       assert 'stem_conv' not in tree and f'stage{first_stage - 1}' not in tree
     cut = {c: {k: variables[c][k] for k in tree} for c, tree in tail_variables.items()}
@@ -246,18 +219,18 @@ def test_a1_tails_are_subtrees():
   full_variables = _variables_of('hcgnet_a1', 3)
   for first_stage, (size, width) in ((1, (16, 60)), (2, (8, 126))):
     tail = models.get_model('hcgnet_a1', 100, first_stage=first_stage)
-    tail_variables = _abstract_variables(tail, (1, size, size, width))
+    tail_variables = abstract_variables(tail, (1, size, size, width))
     cut = {c: {k: full_variables[c][k] for k in tree} for c, tree in tail_variables.items()}
     chex.assert_trees_all_equal_shapes(tail_variables, cut)
 
 
 def test_bad_args_raise():
   with pytest.raises(ValueError, match='strides 1'):
-    _abstract_variables(hcgnet.SMG(features=8, strides=2), (1, 8, 8, 16))
+    abstract_variables(hcgnet.SMG(features=8, strides=2), (1, 8, 8, 16))
   # The growth rates fix the stage widths: other stage sizes (L-MCL's branch_blocks) are refused.
   model = TINY(num_classes=10).clone(stage_sizes=(1, 1, 1))
   with pytest.raises(ValueError, match='fix stage_sizes and stage_widths'):
-    _abstract_variables(model, (1, 8, 8, 3))
+    abstract_variables(model, (1, 8, 8, 3))
   with pytest.raises(ValueError, match='first_stage'):
-    _abstract_variables(TINY(num_classes=10, first_stage=3), (1, 8, 8, 8))
+    abstract_variables(TINY(num_classes=10, first_stage=3), (1, 8, 8, 8))
   assert hcgnet.stage_widths((12, 24, 36), (8, 8, 8)) == STAGE_WIDTHS['hcgnet_a1']

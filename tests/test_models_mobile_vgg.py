@@ -12,6 +12,8 @@ import pytest
 from mcl_jax import models
 from mcl_jax.models import mobilenet, shufflenet
 
+from support import abstract_variables, draw_variables, num_params
+
 # Exact parameter counts (BatchNorm running stats excluded) at 100 classes. Each equals the count of a
 # PyTorch transcription of the reference code (winycg/MCL models/shufflenetv2.py; CRD models/vgg.py
 # vgg8_bn / vgg13_bn and models/mobilenetv2.py mobile_half), whose eval-mode outputs also match these
@@ -26,16 +28,6 @@ EXACT_PARAMS = {
     'mobilenetv2': 812_836,  # CRD: 0.81M
 }
 NEW_ARCHS = tuple(EXACT_PARAMS)
-
-
-def _abstract_variables(model, input_shape):
-  # `train` is bound outside eval_shape: it must stay a Python bool, not a traced argument.
-  init = functools.partial(model.init, train=False)
-  return jax.eval_shape(init, jax.random.key(0), jnp.zeros(input_shape))
-
-
-def _num_params(variables):
-  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables['params']))
 
 
 def _vgg_params(stage_sizes, num_classes):
@@ -58,8 +50,8 @@ def test_archs_registered():
 
 @pytest.mark.parametrize('arch', NEW_ARCHS)
 def test_exact_param_count(arch):
-  variables = _abstract_variables(models.get_model(arch, 100), (1, 32, 32, 3))
-  assert _num_params(variables) == EXACT_PARAMS[arch]
+  variables = abstract_variables(models.get_model(arch, 100), (1, 32, 32, 3))
+  assert num_params(variables) == EXACT_PARAMS[arch]
   assert set(variables) == {'params', 'batch_stats'}
 
 
@@ -82,9 +74,7 @@ def test_vgg_param_count_by_hand():
 def test_output_contract(arch, feature_dim, strides, image_shape):
   model = models.get_model(arch, 10)
   x = jnp.zeros((2, *image_shape))
-  out = jax.eval_shape(
-      lambda v: model.apply(v, x, train=False), _abstract_variables(model, x.shape)
-  )
+  out = jax.eval_shape(lambda v: model.apply(v, x, train=False), abstract_variables(model, x.shape))
 
   assert model.feature_dim == feature_dim
   assert out['logits'].shape == (2, 10) and out['logits'].dtype == jnp.float32
@@ -106,7 +96,7 @@ def test_output_contract(arch, feature_dim, strides, image_shape):
 def test_bf16_compute_keeps_float32_logits():
   model = models.get_model('mobilenetv2', 10, dtype=jnp.bfloat16)
   x = jnp.zeros((2, 32, 32, 3))
-  variables = _abstract_variables(model, x.shape)
+  variables = abstract_variables(model, x.shape)
   assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(variables))
   out = jax.eval_shape(lambda v: model.apply(v, x, train=False), variables)
   assert out['logits'].dtype == jnp.float32 and out['feature'].dtype == jnp.float32
@@ -119,29 +109,12 @@ def test_channel_shuffle_matches_torch_order():
   np.testing.assert_array_equal(shufflenet.channel_shuffle(x)[0, 0, 0], [0, 3, 1, 4, 2, 5])
 
 
-def _random_variables(abstract, seed=0):
-  """Concrete variables for an abstract tree, drawn with numpy: no init to compile (the eval_shape
-  tests above cover init). Kernels N(0, 2 / fan_in); BN affine, biases and running stats perturbed.
-  """
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    name = path[-1].key
-    if name == 'kernel':
-      return rng.normal(0.0, np.sqrt(2.0 / np.prod(leaf.shape[:-1])), leaf.shape)
-    if name == 'var':
-      return rng.uniform(0.5, 1.5, leaf.shape)
-    return float(name == 'scale') + 0.1 * rng.normal(size=leaf.shape)
-
-  return jax.tree_util.tree_map_with_path(lambda p, x: jnp.asarray(draw(p, x), x.dtype), abstract)
-
-
 @pytest.fixture(scope='module')
 def shufflenet_run():
   """The smallest net (ShuffleNetV2 0.5x) on a real [2, 28, 28, 1] batch, in eval mode."""
   model = models.get_model('shufflenetv2_0_5', 10)
   x = jax.random.normal(jax.random.key(1), (2, 28, 28, 1))
-  variables = _random_variables(_abstract_variables(model, x.shape))
+  variables = draw_variables(abstract_variables(model, x.shape))
   out, state = jax.jit(functools.partial(model.apply, train=False, mutable=['batch_stats']))(
       variables, x
   )
@@ -185,7 +158,7 @@ def test_batch_stats_follow_train_flag(shufflenet_run):
 def _tail_variables(arch, first_stage, full_variables, stage_input_shape):
   """The first_stage tail model, and the full network's variables sliced to the tail's tree."""
   tail = models.get_model(arch, 10, first_stage=first_stage)
-  tail_variables = _abstract_variables(tail, stage_input_shape)
+  tail_variables = abstract_variables(tail, stage_input_shape)
   for tree in tail_variables.values():
     assert 'stem_conv' not in tree and f'stage{first_stage - 1}' not in tree
   sliced = {c: {k: full_variables[c][k] for k in tree} for c, tree in tail_variables.items()}
@@ -196,7 +169,7 @@ def _tail_variables(arch, first_stage, full_variables, stage_input_shape):
 @pytest.mark.parametrize('arch', ['vgg13', 'mobilenetv2'])
 def test_first_stage_tail_is_a_subtree(arch):
   full = models.get_model(arch, 10)
-  full_variables = _abstract_variables(full, (2, 32, 32, 3))
+  full_variables = abstract_variables(full, (2, 32, 32, 3))
   out = jax.eval_shape(
       lambda v: full.apply(v, jnp.zeros((2, 32, 32, 3)), train=False), full_variables
   )
@@ -222,17 +195,17 @@ def test_first_stage_tail_matches_full_network(shufflenet_run):
 def test_first_stage_out_of_range_raises(arch, first_stage):
   model = models.get_model(arch, 10, first_stage=first_stage)
   with pytest.raises(ValueError, match='first_stage'):
-    _abstract_variables(model, (1, 8, 8, 16))
+    abstract_variables(model, (1, 8, 8, 16))
 
 
 def test_bad_args_raise():
   with pytest.raises(ValueError, match='keeps the width'):
-    _abstract_variables(shufflenet.ShuffleUnit(features=64), (1, 8, 8, 32))
+    abstract_variables(shufflenet.ShuffleUnit(features=64), (1, 8, 8, 32))
   with pytest.raises(ValueError, match='strides must be 1 or 2'):
-    _abstract_variables(shufflenet.ShuffleUnit(features=64, strides=3), (1, 8, 8, 64))
+    abstract_variables(shufflenet.ShuffleUnit(features=64, strides=3), (1, 8, 8, 64))
   with pytest.raises(ValueError, match='width_mult'):
     mobilenet.mobilenet_v2(0.0)
   # MobileNetV2's rows fix its stage sizes (e.g. L-MCL's branch_blocks cannot shorten them).
   model = models.get_model('mobilenetv2', 10).clone(stage_sizes=(1, 1, 1, 1))
   with pytest.raises(ValueError, match='disagree with its rows'):
-    _abstract_variables(model, (1, 32, 32, 3))
+    abstract_variables(model, (1, 32, 32, 3))

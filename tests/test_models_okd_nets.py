@@ -9,6 +9,12 @@ net.parameters())` (no BatchNorm running stats); MACs: the repo's `utils.cal_mul
 (1, 3, 32, 32))` (convs and linear weights). With the same weights, those modules' eval-mode logits
 equal these models' to ~1e-6 (checked once with PyTorch; CI has none). Published: the README table
 (Params / FLOPs on CIFAR-100).
+
+MCL's MCL(x4) networks (`MCL_X4_REFERENCE`): the authors' PyTorch modules of github.com/winycg/MCL
+at commit 236da2f54075119a5bdbac272b0b5011b8ddd4a6, `models/<file>.py` `<constructor>(num_classes,
+number_net=4)`, which builds the shared-trunk class (`ResNet_b`, `WideResNet_b`, `ShuffleNetV2_b`,
+`HCGNet_b`; `number_net=2` builds independent nets instead), counted as above with that repo's
+`utils.cal_param_size` / `utils.cal_multi_adds` (at 1x3x224x224 for the ImageNet ResNets).
 """
 
 import functools
@@ -34,6 +40,24 @@ REFERENCE = {
     'vgg16_okd4': (53_884_368, 681_451_520),
     'resnet32_okd4': (1_819_552, 204_416_000),
     'resnet110_okd2': (2_286_360, 280_725_504),
+}
+# arch -> (the authors' constructor in winycg/MCL models/, classes, exact params, exact MACs per
+# image or None): their MCL(x4) nets, see the module docstring. HCGNet's MACs are left out: that
+# repo's `cal_multi_adds` ignores the dilation of the dilated depthwise convs (it says 428,828,040
+# for HCGNet-A1 x4; the exact count is pinned in tests/test_models_hcgnet.py).
+MCL_X4_REFERENCE = {
+    'resnet32_okd4': ('resnet.py resnet32', 100, 1_819_552, 204_416_000),
+    'resnet56_okd4': ('resnet.py resnet56', 100, 3_318_944, 374_285_312),
+    'resnet110_okd4': ('resnet.py resnet110', 100, 4_517_344, 507_269_120),
+    'wrn_16_2_okd4': ('wrn.py wrn_16_2', 100, 2_712_864, 302_483_456),
+    'wrn_40_2_okd4': ('wrn.py wrn_40_2', 100, 8_697_632, 981_960_704),
+    'wrn_28_4_okd4': ('wrn.py wrn_28_4', 100, 22_679_776, 2_556_973_056),
+    'shufflenetv2_0_5_okd4': ('shufflenetv2.py ShuffleNetV2_05x', 100, 1_754_272, 35_848_192),
+    'shufflenetv2_1_0_okd4': ('shufflenetv2.py ShuffleNetV2_1x', 100, 5_331_752, 153_186_816),
+    'hcgnet_a1_okd4': ('hcgnet.py hcgnet_A1', 100, 4_057_426, None),
+    'hcgnet_a2_okd4': ('hcgnet.py hcgnet_A2', 100, 11_169_209, None),
+    'resnet18_okd4': ('resnet_imagenet.py resnet18', 1000, 44_708_832, 4_281_860_096),
+    'resnet34_okd4': ('resnet_imagenet.py resnet34', 1000, 83_146_976, 9_599_713_280),
 }
 # The same modules at 10 classes.
 REFERENCE_PARAMS_10 = {'densenet40_12': 176_122, 'vgg16': 14_728_266}
@@ -104,6 +128,17 @@ def test_multi_branch_params_and_macs_match_reference(arch):
   model = models.get_model(arch, 100)
   assert _num_params(_abstract_variables(model, (1, 32, 32, 3))['params']) == params
   assert models.count_macs(model, (32, 32, 3)) == macs
+
+
+@pytest.mark.parametrize('arch', sorted(MCL_X4_REFERENCE))
+def test_mcl_x4_nets_match_the_authors_shared_trunk_modules(arch):
+  """`<base>_okd4` is MCL's MCL(x4) network: the same split, exactly the authors' parameters."""
+  _, num_classes, params, macs = MCL_X4_REFERENCE[arch]
+  size = 224 if num_classes == 1000 else 32
+  model = models.get_model(arch, num_classes)
+  assert _num_params(_abstract_variables(model, (1, size, size, 3))['params']) == params
+  if macs is not None:
+    assert models.count_macs(model, (size, size, 3)) == macs
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,8 @@ import pytest
 from mcl_jax import models
 from mcl_jax.models import shufflenet, shufflenet_v1
 
+from support import abstract_variables, draw_variables, num_params
+
 # Exact parameter counts (BatchNorm running stats excluded), each equal to the reference PyTorch
 # module's `sum(p.numel() for p in net.parameters())`, whose eval-mode outputs also match these
 # models' with the same weights (float32, relative difference ~1e-6):
@@ -46,34 +48,8 @@ LAYOUT = {
 }
 
 
-def _abstract_variables(model, input_shape):
-  # `train` is bound outside eval_shape: it must stay a Python bool, not a traced argument.
-  init = functools.partial(model.init, train=False)
-  return jax.eval_shape(init, jax.random.key(0), jnp.zeros(input_shape))
-
-
-def _num_params(variables):
-  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables['params']))
-
-
 def _ceil_div(n, d):
   return -(-n // d)
-
-
-def _random_variables(abstract, seed=0):
-  """Concrete variables for an abstract tree, drawn with numpy: no init to compile. Kernels
-  N(0, 2 / fan_in); BN affine, biases and running stats perturbed."""
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    name = path[-1].key
-    if name == 'kernel':
-      return rng.normal(0.0, np.sqrt(2.0 / np.prod(leaf.shape[:-1])), leaf.shape)
-    if name == 'var':
-      return rng.uniform(0.5, 1.5, leaf.shape)
-    return float(name == 'scale') + 0.1 * rng.normal(size=leaf.shape)
-
-  return jax.tree_util.tree_map_with_path(lambda p, x: jnp.asarray(draw(p, x), x.dtype), abstract)
 
 
 def test_archs_registered_with_stage_tails():
@@ -86,8 +62,8 @@ def test_archs_registered_with_stage_tails():
 def test_exact_param_count(arch):
   num_classes, exact = EXACT_PARAMS[arch]
   size = 224 if arch in IMAGENET_ARCHS else 32
-  variables = _abstract_variables(models.get_model(arch, num_classes), (1, size, size, 3))
-  assert _num_params(variables) == exact
+  variables = abstract_variables(models.get_model(arch, num_classes), (1, size, size, 3))
+  assert num_params(variables) == exact
   assert set(variables) == {'params', 'batch_stats'}
   if arch in PUBLISHED_MILLIONS:
     assert abs(exact / 1e6 / PUBLISHED_MILLIONS[arch] - 1) < 0.01
@@ -96,8 +72,8 @@ def test_exact_param_count(arch):
 def test_param_count_follows_classes_and_input_channels():
   """Only the classifier and the stem see num_classes / input channels: the 10-class net on 28x28x1
   differs from the 100-class one on 32x32x3 by 90 * (960 + 1) + 2 * 24 (ShuffleV1's 1x1 stem)."""
-  small = _abstract_variables(models.get_model('shufflenetv1', 10), (1, 28, 28, 1))
-  assert EXACT_PARAMS['shufflenetv1'][1] - _num_params(small) == 90 * 961 + 2 * 24
+  small = abstract_variables(models.get_model('shufflenetv1', 10), (1, 28, 28, 1))
+  assert EXACT_PARAMS['shufflenetv1'][1] - num_params(small) == 90 * 961 + 2 * 24
 
 
 def _check_output(model, arch, out, image_shape, batch):
@@ -119,9 +95,7 @@ def _check_output(model, arch, out, image_shape, batch):
 def test_cifar_output_contract(arch, image_shape):
   model = models.get_model(arch, 10)
   x = jnp.zeros((2, *image_shape))
-  out = jax.eval_shape(
-      lambda v: model.apply(v, x, train=False), _abstract_variables(model, x.shape)
-  )
+  out = jax.eval_shape(lambda v: model.apply(v, x, train=False), abstract_variables(model, x.shape))
   _check_output(model, arch, out, image_shape, 2)
 
 
@@ -129,9 +103,7 @@ def test_cifar_output_contract(arch, image_shape):
 def test_imagenet_output_contract(arch):
   model = models.get_model(arch, 1000)
   x = jnp.zeros((2, 224, 224, 3))
-  out = jax.eval_shape(
-      lambda v: model.apply(v, x, train=False), _abstract_variables(model, x.shape)
-  )
+  out = jax.eval_shape(lambda v: model.apply(v, x, train=False), abstract_variables(model, x.shape))
   _check_output(model, arch, out, (224, 224, 3), 2)
   assert [s.shape[1] for s in out['stages']] == [56, 28, 14, 7]  # as the ImageNet ResNets'
 
@@ -156,7 +128,7 @@ def test_shufflev1_downsampling_shortcut_counts_padding():
   input its corner output is 4 / 9; it follows the conv branch in the concatenation."""
   unit = shufflenet_v1.ShuffleV1Unit(features=240, strides=2)
   x = jnp.ones((1, 4, 4, 24))
-  variables = _random_variables(_abstract_variables(unit, x.shape))
+  variables = draw_variables(abstract_variables(unit, x.shape))
   y = unit.apply(variables, x, train=False)
   assert y.shape == (1, 2, 2, 240)
   np.testing.assert_allclose(y[0, 0, 0, 216:], 4 / 9, rtol=1e-6)
@@ -174,7 +146,7 @@ def eval_run(request):
   shape = (2, 28, 28, 1) if arch in CIFAR_ARCHS else (2, 64, 64, 3)
   model = models.get_model(arch, 10)
   x = jax.random.normal(jax.random.key(1), shape)
-  variables = _random_variables(_abstract_variables(model, x.shape))
+  variables = draw_variables(abstract_variables(model, x.shape))
   out, state = jax.jit(functools.partial(model.apply, train=False, mutable=['batch_stats']))(
       variables, x
   )
@@ -207,7 +179,7 @@ def test_batch_stats_follow_train_flag(eval_run):
 def _tail_variables(arch, first_stage, full_variables, stage_input_shape):
   """The first_stage tail model, and the full network's variables sliced to the tail's tree."""
   tail = models.get_model(arch, 10, first_stage=first_stage)
-  tail_variables = _abstract_variables(tail, stage_input_shape)
+  tail_variables = abstract_variables(tail, stage_input_shape)
   for tree in tail_variables.values():
     assert not any(k.startswith('stem') for k in tree)
     assert not any(f'stage{s}' in tree for s in range(first_stage))
@@ -233,7 +205,7 @@ def test_first_stage_tail_matches_full_network(eval_run):
 def test_every_first_stage_tail_is_a_subtree(arch):
   size = 64 if arch in IMAGENET_ARCHS else 32
   full = models.get_model(arch, 10)
-  full_variables = _abstract_variables(full, (2, size, size, 3))
+  full_variables = abstract_variables(full, (2, size, size, 3))
   out = jax.eval_shape(
       lambda v: full.apply(v, jnp.zeros((2, size, size, 3)), train=False), full_variables
   )
@@ -243,9 +215,9 @@ def test_every_first_stage_tail_is_a_subtree(arch):
 
 def test_bad_args_raise():
   with pytest.raises(ValueError, match='keeps the width'):
-    _abstract_variables(shufflenet_v1.ShuffleV1Unit(features=480), (1, 8, 8, 240))
+    abstract_variables(shufflenet_v1.ShuffleV1Unit(features=480), (1, 8, 8, 240))
   with pytest.raises(ValueError, match='strides must be 1 or 2'):
-    _abstract_variables(shufflenet_v1.ShuffleV1Unit(features=240, strides=3), (1, 8, 8, 240))
+    abstract_variables(shufflenet_v1.ShuffleV1Unit(features=240, strides=3), (1, 8, 8, 240))
   model = models.get_model('shufflenetv2_1_0_imagenet', 10, first_stage=4)
   with pytest.raises(ValueError, match='first_stage'):
-    _abstract_variables(model, (1, 8, 8, 464))
+    abstract_variables(model, (1, 8, 8, 464))

@@ -106,3 +106,31 @@ def test_metrics_file_exists_from_the_start_and_resume_drops_later_lines(tmp_pat
   writer.close()
   metrics.MetricWriter(workdir, resume_step=4).close()
   assert [r['step'] for r in metrics.read_metrics(workdir)] == [2, 4]
+
+
+def test_paired_differences_are_taken_seed_by_seed(tmp_path):
+  dirs = [
+      fake_run(tmp_path, 'a0', 0, 'mcl', [(0.90, 0.86, 0.91)]),
+      fake_run(tmp_path, 'a1', 1, 'mcl', [(0.88, 0.86, 0.89)]),
+      fake_run(tmp_path, 'a2', 2, 'mcl', [(0.70, 0.70, 0.70)]),  # no reference run of seed 2
+      fake_run(tmp_path, 'b0', 0, 'dml', [(0.85, 0.84, 0.86)]),
+      fake_run(tmp_path, 'b1', 1, 'dml', [(0.89, 0.89, 0.90)]),
+  ]
+  lines = report.paired_table(dirs, '· dml').splitlines()
+  assert 'against fashion_mnist · dml · resnet8×2' in lines[0]
+  (mcl,) = [l for l in lines if '· mcl ·' in l]
+  cells = [c.strip() for c in mcl.strip('|').split('|')]
+  assert cells[1] == '0,1'
+  # best peer: 0.90 - 0.85 = +5, 0.88 - 0.89 = -1 -> mean 2, std sqrt(18); one seed of two > 0.
+  assert cells[2] == f'+2.00 ± {18**0.5:.2f} (1/2)'
+  # mean peer (final): 0.88 - 0.845 = +3.5, 0.87 - 0.89 = -2.
+  assert cells[4] == f'+0.75 ± {(2 * 2.75**2) ** 0.5:.2f} (1/2)'
+  assert not any('· dml ·' in l for l in lines[1:])
+
+
+def test_paired_with_must_name_exactly_one_group_through_the_cli(tmp_path):
+  dirs = [fake_run(tmp_path, 'a0', 0, 'mcl', [(0.9, 0.8, 0.9)])]
+  dirs.append(fake_run(tmp_path, 'b0', 0, 'dml', [(0.9, 0.8, 0.9)]))
+  with pytest.raises(SystemExit) as exc:
+    report.main(dirs + ['--paired-with', 'resnet8'])
+  assert exc.value.code == 2

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from mcl_jax import heads, losses
 from mcl_jax.losses.nce import init_memory
 from mcl_jax.methods import base
-from mcl_jax.methods.mcl import check_negative_pool, class_index, init_peer_heads, peer_embeddings, sample_contrast_indices
+from mcl_jax.methods.mcl import check_negative_pool, class_index, init_view_heads, sample_contrast_indices, view_embeddings
 from mcl_jax.methods.teacher import Distillation, teacher_model
 
 ELEMENTS = ('feat', 'grad')
@@ -68,6 +68,24 @@ class CRCD(Distillation):
       ),
   }
 
+  @classmethod
+  def validate(cls, config, run):
+    found = super().validate(config, run)
+    if run is None:
+      return found
+    from mcl_jax import models  # pylint: disable=g-import-not-at-top  (methods load before models)
+
+    branched = sorted(
+        {a for a in run.archs if a in models.names() and models.spec(a).num_branches > 1}
+    )
+    if branched:
+      found.append(
+          'method.name=crcd needs single-branch students (its gradient element reads each '
+          f"student's own classifier, its memories are one per peer); {branched} are "
+          'multi-branch networks: use their single-branch base architectures.'
+      )
+    return found
+
   @property
   def head(self):
     return heads.LinearEmbeddingHead(dim=self.config.embed_dim)
@@ -81,7 +99,7 @@ class CRCD(Distillation):
     keys = iter(jax.random.split(rng, 4 * len(ELEMENTS)))
     params, memory = {'heads': {}}, {}
     for e in ELEMENTS:
-      params['heads'][e] = init_peer_heads(self.head, next(keys), cohort)
+      params['heads'][e] = init_view_heads(self.head, next(keys), cohort)  # single-branch: per peer
       params['heads'][e + '_t'] = heads.init_stacked(self.head, next(keys), num_peers, teacher_dim)
       for side in ('_s', '_t'):
         memory[e + side] = init_memory(
@@ -127,7 +145,7 @@ class CRCD(Distillation):
 
     terms, memory, Z = {}, {}, {}
     for e in ELEMENTS:
-      e_s = peer_embeddings(self.head, params['heads'][e], student[e])  # [K, B, F]
+      e_s = view_embeddings(self.head, params['heads'][e], student[e])  # [K, B, F]
       f_t = jnp.broadcast_to(teacher_elements[e], (num_peers,) + teacher_elements[e].shape)
       e_t = heads.apply_stacked(self.head, params['heads'][e + '_t'], f_t)
       mem_s, mem_t = state['memory'][e + '_s'], state['memory'][e + '_t']

@@ -46,7 +46,7 @@ from mcl_jax import heads, losses, meta, models, optim
 from mcl_jax.methods import base
 from mcl_jax.methods.base import Method
 from mcl_jax.methods.mcl import HPARAMS as MCL_HPARAMS
-from mcl_jax.methods.mcl import init_peer_memory, memory_layout, sample_contrast_indices
+from mcl_jax.methods.mcl import init_view_memory, memory_layout, sample_contrast_indices
 
 META_MOMENTUM = 0.9  # heavy-ball momentum of the virtual steps, Nesterov momentum of phi's SGD
 MATCH_DIM = 128  # width of phi's projections
@@ -143,9 +143,14 @@ class LMCL(Method):
     specs = {arch: models.spec(arch) for arch in run.archs if arch in models.names()}
     multi = sorted(a for a, s in specs.items() if s.num_branches > 1)
     if multi:
+      base_arch, _, _ = multi[0].rpartition('_okd')
       found.append(
-          f'method.name=lmcl needs single-branch peers; {multi} are MCL-OKD multi-branch '
-          'models: use e.g. model.arch=resnet32.'
+          f'method.name=lmcl needs single-branch peers; {multi} are multi-branch models (MCL-OKD, '
+          'MCL(x4)): L-MCL attaches auxiliary branches, a stage aggregator and layer matching '
+          'to every stage of each peer, and branches on a shared trunk own no stages before '
+          'the split. '
+          f'Use independent peers of the base net instead, e.g. model.arch='
+          f'{base_arch or "resnet32"} with cohort.num_peers={specs[multi[0]].num_branches}.'
       )
     no_tails = sorted(a for a, s in specs.items() if s.num_branches == 1 and not s.stage_tails)
     if no_tails:
@@ -228,7 +233,7 @@ class LMCL(Method):
     state = {'batch_stats': tuple(branch_stats), 'phi': phi, 'phi_opt': phi_opt}
     if self.config.memory_bank:
       state.update(
-          init_peer_memory(
+          init_view_memory(  # single-branch peers (validate): one view per peer
               jax.random.fold_in(rng, len(cohort.groups)),
               cohort.num_peers,
               train_labels,

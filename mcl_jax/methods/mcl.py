@@ -1,11 +1,13 @@
 """MCL: mutual contrastive learning (Yang et al., AAAI 2022) as a cohort method.
 
 Loss = CE + alpha*VCL + gamma*SoftVCL + beta*ICL + lam*SoftICL (+ logit KD to the stop-gradient
-ensemble), all terms summed over peers / ordered peer pairs (docs/methods.md#mcl). Each peer
-has its own embedding head on its pooled feature. Two variants:
+ensemble), all terms summed over peers / ordered peer pairs (docs/methods.md#mcl). The "peers"
+of the losses are the cohort's views: its peers, where each branch of a multi-branch peer (the
+authors' shared-trunk MCL(x4) nets, `<base>_okd<M>`) is one view, in the order of
+`outputs['logits']`. Each view has its own embedding head on its pooled feature. Two variants:
 - in-batch (CIFAR): the contrast set is the batch; batches come from the class-balanced sampler
   (m images per class) so every anchor has a positive;
-- memory bank (ImageNet, `method.memory_bank=True`): per-peer memories `[K, N, D]` in the method
+- memory bank (ImageNet, `method.memory_bank=True`): per-view memories `[V, N, D]` in the method
   state, 1 + P positive and Q negative indices per sample drawn from `fold_in(rng, step)`,
   momentum-updated after the loss.
 """
@@ -19,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mcl_jax import heads, losses
+from mcl_jax.cohort import flatten_views
 from mcl_jax.config_lib import ConfigError
 from mcl_jax.losses.nce import init_memory
 from mcl_jax.methods import base
@@ -47,21 +50,24 @@ HPARAMS = {
 }
 
 
-def peer_embeddings(head, head_params, outputs):
-  """Embeddings `[K, B, D]` of all peers: each group's heads on its features, concatenated."""
+def view_embeddings(head, head_params, outputs):
+  """Embeddings `[V, B, D]` of all views (`Cohort.num_views`, in the order of
+  `outputs['logits']`): each group's heads on its features (`[K_g, B, d_g]`, or `[K_g, M, B, d_g]`
+  from a multi-branch model, flattened to its K_g * M views), concatenated."""
   return jnp.concatenate(
       [
-          heads.apply_stacked(head, p, out['feature'])
+          heads.apply_stacked(head, p, flatten_views(out['feature']))
           for p, out in zip(head_params, outputs['groups'])
       ],
       axis=0,
   )
 
 
-def init_peer_heads(head, rng, cohort):
-  """One head per peer, stacked per cohort group (feature widths differ between groups)."""
+def init_view_heads(head, rng, cohort):
+  """One head per view (`PeerGroup.num_views`: a peer, or a branch of a multi-branch peer), stacked
+  per cohort group (feature widths differ between groups)."""
   return tuple(
-      heads.init_stacked(head, jax.random.fold_in(rng, g), group.num_peers, dim)
+      heads.init_stacked(head, jax.random.fold_in(rng, g), group.num_views, dim)
       for g, (group, dim) in enumerate(zip(cohort.groups, cohort.feature_dims))
   )
 
@@ -82,11 +88,11 @@ class MCL(Method):
 
   def init(self, rng, cohort, train_labels):
     head_rng, memory_rng = jax.random.split(rng)
-    params = {'heads': init_peer_heads(self.head, head_rng, cohort)}
+    params = {'heads': init_view_heads(self.head, head_rng, cohort)}
     if not self.config.memory_bank:
       return params, {}
-    return params, init_peer_memory(
-        memory_rng, cohort.num_peers, train_labels, self.config.embed_dim
+    return params, init_view_memory(
+        memory_rng, cohort.num_views, train_labels, self.config.embed_dim
     )
 
   def layout(self, params, state):
@@ -95,7 +101,7 @@ class MCL(Method):
   def loss(self, params, state, outputs, batch, ctx):
     c = self.config
     labels, example_index = batch['label'], batch.get('index')
-    emb = peer_embeddings(self.head, params['heads'], outputs)
+    emb = view_embeddings(self.head, params['heads'], outputs)
     if not c.memory_bank:
       return (
           *losses.mcl_loss(
@@ -137,16 +143,16 @@ class MCL(Method):
     return total, terms, {**state, 'memory': memory}
 
 
-def init_peer_memory(rng, num_peers: int, train_labels, dim: int) -> dict:
-  """Per-peer memory banks `[K, N, dim]` (the authors' uniform init in +-1/sqrt(dim/3),
-  deliberately not normalised, docs/methods.md#mcl-memory-bank) and the class index used to
-  sample their slots."""
-  memory = init_memory(rng, len(train_labels), dim, normalise=False, leading=(num_peers,))
+def init_view_memory(rng, num_views: int, train_labels, dim: int) -> dict:
+  """Memory banks `[V, N, dim]`, one per view (a peer, or a branch of a multi-branch peer; the
+  authors' uniform init in +-1/sqrt(dim/3), deliberately not normalised,
+  docs/methods.md#mcl-memory-bank) and the class index used to sample their slots."""
+  memory = init_memory(rng, len(train_labels), dim, normalise=False, leading=(num_views,))
   return {'memory': memory, **class_index(train_labels)}
 
 
 def memory_layout(state: dict) -> dict:
-  """Per-peer memory banks split over peers and examples; the class index replicated."""
+  """Per-view memory banks split over views and examples; the class index replicated."""
   return {
       key: base.same_placement(value, base.PEER_EXAMPLE if key == 'memory' else base.REPLICATED)
       for key, value in state.items()

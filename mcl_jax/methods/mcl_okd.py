@@ -15,18 +15,12 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 
 from mcl_jax import heads, losses
 from mcl_jax.losses.nce import init_memory
 from mcl_jax.methods import base
 from mcl_jax.methods.base import Method
-from mcl_jax.methods.mcl import check_negative_pool, class_index, memory_layout, sample_contrast_indices
-
-
-def views_per_peer(group) -> int:
-  """Branches of a multi-branch model (its outputs carry a branch axis), else 1."""
-  return group.num_branches
+from mcl_jax.methods.mcl import check_negative_pool, class_index, init_view_heads, memory_layout, sample_contrast_indices, view_embeddings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,29 +59,20 @@ class MCLOKD(Method):
   def init(self, rng, cohort, train_labels):
     check_negative_pool(train_labels, self.config.num_negatives)
     head_rng, memory_rng = jax.random.split(rng)
-    view_heads = tuple(
-        heads.init_stacked(
-            self.head, jax.random.fold_in(head_rng, g), group.num_peers * views_per_peer(group), dim
-        )
-        for g, (group, dim) in enumerate(zip(cohort.groups, cohort.feature_dims))
-    )
-    num_views = sum(g.num_peers * views_per_peer(g) for g in cohort.groups)
+    view_heads = init_view_heads(self.head, head_rng, cohort)
     memory = init_memory(
-        memory_rng, len(train_labels), self.config.embed_dim, normalise=False, leading=(num_views,)
+        memory_rng,
+        len(train_labels),
+        self.config.embed_dim,
+        normalise=False,
+        leading=(cohort.num_views,),
     )
     return {'heads': view_heads}, {'memory': memory, **class_index(train_labels)}
 
   def loss(self, params, state, outputs, batch, ctx):
     c = self.config
     labels, idx = batch['label'], batch['index']
-    emb = jnp.concatenate(
-        [
-            heads.apply_stacked(
-                self.head, p, out['feature'].reshape((-1,) + out['feature'].shape[-2:])
-            )
-            for p, out in zip(params['heads'], outputs['groups'])
-        ]
-    )  # [M, B, F]
+    emb = view_embeddings(self.head, params['heads'], outputs)  # [M, B, F]
     contrast_idx = sample_contrast_indices(
         ctx.rng, idx, labels, state, 0, c.num_negatives, replace=False
     )

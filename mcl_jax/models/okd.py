@@ -1,4 +1,5 @@
-"""Multi-branch networks for MCL-OKD (ONE/OKDDip style, ``docs/methods.md#mcl-okd``).
+"""Multi-branch networks: MCL-OKD's (ONE/OKDDip style, ``docs/methods.md#mcl-okd``) and MCL's
+shared-trunk MCL(x>2) nets (``docs/methods.md#mcl-multi-branch-networks``).
 
 `MultiBranchNet` splits a registered stage-tails base net (a `StagedNet`) at a stage boundary: the
 stem and the first `shared_stages` stages are shared (the base built with `end_stage=shared_stages`;
@@ -6,22 +7,36 @@ their parameters sit at the top of the tree: `stem_conv`, `stage0`, ...); each o
 `branch<m>` owns the later stages, the pre-pool layers, the pool and the classifier (the base built
 with `first_stage=shared_stages`). Arch names are `<base>_okd<M>`, e.g. `resnet32_okd4`. Outputs
 carry a leading branch axis, which the cohort flattens into its peer axis, so the M branches are
-evaluated and distilled like M peers:
+evaluated and distilled like M peers (the methods' "views"):
   'logits'  [M, B, num_classes],  'feature' [M, B, feature_dim],
   'stages'  (the shared stage maps [B, H_s, W_s, C_s], then the per-branch later stage maps
              [M, B, H_s, W_s, C_s]).
 
-`BASES` maps each base to its number of shared stages, following how the authors'
-`models/mcl_okd_*.py` (github.com/winycg/MCL-OKD, commit 5de042a) split each net:
-  resnet32, resnet110 (`mcl_okd_resnet.py`): conv1 + bn1 + layer1 shared; layer2, layer3 and the
-    classifier per branch -> 1 (resnet8/20/56, which the authors do not split, alike).
-  densenet40_12 (`mcl_okd_densenet.py`): conv0, denseblock1, transition1 shared; denseblock2,
-    transition2, denseblock3, the final BN and the classifier per branch -> 1 (a stage of
-    `densenet.DenseNet` is a dense block + its transition).
-  vgg16 (`mcl_okd_vgg.py`): conv1, conv2, layer1, layer2 shared; layer3, layer4 and the classifier
-    per branch -> 3 (the max-pool closing layer2 opens stage 3 here, so it runs in the branches:
-    parameter-free, the same computation).
-  hcgnet_a1 (`mcl_okd_hcgnet.py`): conv0, HybridBlock1, Transition1 shared; the rest per branch -> 1.
+`BASES` maps each base to its number of shared stages, following how the authors split each net:
+MCL-OKD in `models/mcl_okd_*.py` (github.com/winycg/MCL-OKD, commit 5de042a), and MCL, whose
+`--number-net 2` builds independent nets (`*_n`) but any other number the shared-trunk `*_b`
+classes (github.com/winycg/MCL, commit 236da2f, `models/*.py`). Where both papers split a net they
+split it identically, so one name serves both:
+  resnet32, resnet56, resnet110 (MCL `resnet.py` `ResNet_b`; MCL-OKD `mcl_okd_resnet.py` splits
+    resnet32 and resnet110): conv1 + bn1 + layer1 shared; layer2, layer3 and the classifier per
+    branch -> 1 (resnet8/20, which the authors do not split, alike).
+  wrn_16_2, wrn_40_2, wrn_28_4 (MCL `wrn.py` `WideResNet_b`): conv1 + block1 shared; block2, block3,
+    the final BN and the classifier per branch -> 1.
+  shufflenetv2_0_5, shufflenetv2_1_0 (MCL `shufflenetv2.py` `ShuffleNetV2_b`): conv1 + bn1 + layer1
+    shared; layer2, layer3, conv2 + bn2 and the classifier per branch -> 1.
+  densenet40_12 (MCL-OKD `mcl_okd_densenet.py`): conv0, denseblock1, transition1 shared;
+    denseblock2, transition2, denseblock3, the final BN and the classifier per branch -> 1 (a stage
+    of `densenet.DenseNet` is a dense block + its transition).
+  vgg16 (MCL-OKD `mcl_okd_vgg.py`): conv1, conv2, layer1, layer2 shared; layer3, layer4 and the
+    classifier per branch -> 3 (the max-pool closing layer2 opens stage 3 here, so it runs in the
+    branches: parameter-free, the same computation).
+  hcgnet_a1, hcgnet_a2 (MCL-OKD `mcl_okd_hcgnet.py`, MCL `hcgnet.py` `HCGNet_b`): conv0,
+    HybridBlock1, Transition1 shared; the rest per branch -> 1.
+  resnet18, resnet34 (ImageNet; MCL-OKD `mcl_okd_resnet_imagenet.py`'s ResNet-34, MCL
+    `resnet_imagenet.py` `ResNet_b`): conv1 .. layer2 shared; layer3, layer4 and the classifier per
+    branch -> 2 (resnet50, which the authors do not split, alike).
+The parameter counts equal the authors' modules' exactly (tests/test_models_okd_nets.py,
+tests/test_models_hcgnet.py pin them).
 Adding a base is one line in `BASES` (`'<arch>': <shared stages>`; the arch must be registered with
 `stage_tails=True`; it is looked up in the registry when a model is built). For other names,
 `multi_branch(arch, num_branches, shared_stages)` is the constructor to pass to `models.register`.
@@ -42,10 +57,16 @@ BASES = {
     'resnet32': 1,
     'resnet56': 1,
     'resnet110': 1,
+    'wrn_16_2': 1,  # MCL(x4)
+    'wrn_40_2': 1,  # MCL(x4)
+    'wrn_28_4': 1,  # MCL(x4)
+    'shufflenetv2_0_5': 1,  # MCL(x4)
+    'shufflenetv2_1_0': 1,  # MCL(x4)
     'densenet40_12': 1,
     'vgg16': 3,
     'hcgnet_a1': 1,
-    # ImageNet ResNets (`mcl_okd_resnet_imagenet`'s ResNet-34): conv1 .. layer2 shared, layer3,
+    'hcgnet_a2': 1,  # MCL(x4)
+    # ImageNet ResNets (MCL-OKD's ResNet-34, MCL's ResNet_b): conv1 .. layer2 shared, layer3,
     # layer4 and the classifier per branch -> 2.
     'resnet18': 2,
     'resnet34': 2,

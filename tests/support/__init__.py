@@ -78,3 +78,48 @@ def max_relative_difference(a, b) -> float:
     return float(np.max(np.abs(x - y)) / max(float(np.max(np.abs(y))), 1e-12))
 
   return max(jax.tree.leaves(jax.tree.map(rel, a, b)))
+
+
+def abstract_variables(model, input_shape):
+  """The variables of `model.init` on zeros of `input_shape`, as shapes only (nothing compiled)."""
+  import functools  # pylint: disable=g-import-not-at-top
+
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  # `train` is bound outside eval_shape: it must stay a Python bool, not a traced argument.
+  init = functools.partial(model.init, train=False)
+  return jax.eval_shape(init, jax.random.key(0), jnp.zeros(input_shape))
+
+
+def tree_size(tree):
+  """Number of scalars in a pytree of arrays or shapes."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def num_params(variables):
+  return tree_size(variables['params'])
+
+
+def draw_variables(abstract, seed=0):
+  """Concrete variables for an abstract tree, drawn with NumPy in the tree's leaf order (no init
+  to compile). Kernels N(0, 2 / fan_in); BN scales 1 + N(0, 0.1^2); biases, BN offsets and running
+  means N(0, 0.1^2); running variances U(0.5, 1.5)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    name = path[-1].key
+    if name == 'kernel':
+      return rng.normal(0.0, np.sqrt(2.0 / np.prod(leaf.shape[:-1])), leaf.shape)
+    if name == 'var':
+      return rng.uniform(0.5, 1.5, leaf.shape)
+    return float(name == 'scale') + 0.1 * rng.normal(size=leaf.shape)
+
+  return jax.tree_util.tree_map_with_path(lambda p, x: jnp.asarray(draw(p, x), x.dtype), abstract)
