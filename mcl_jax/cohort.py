@@ -65,8 +65,8 @@ def stack_trees(trees: Sequence[Any]):
 
 @dataclasses.dataclass(frozen=True)
 class PeerGroup:
-  """`num_peers` peers of one architecture; a multi-branch model (MCL-OKD) has `num_branches`
-  > 1 and its outputs carry a branch axis."""
+  """`num_peers` peers of one architecture; a multi-branch model (MCL-OKD, MCL(x4)) has
+  `num_branches` > 1 and its outputs carry a branch axis."""
 
   model: nn.Module
   num_peers: int

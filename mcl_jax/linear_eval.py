@@ -84,7 +84,12 @@ import sys
 import time
 from typing import Any
 
-import flax
+if __name__ == '__main__':  # before the heavy imports: glibc reads its tunables at process start
+  from mcl_jax import host_malloc  # pylint: disable=g-import-not-at-top
+
+  host_malloc.reexec_if_cpu_only()
+
+import flax  # pylint: disable=g-import-not-at-top
 import flax.linen as nn
 import jax
 import jax.numpy as jnp

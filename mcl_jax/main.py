@@ -12,7 +12,12 @@ import os
 import re
 import sys
 
-from absl import app, flags, logging
+if __name__ == '__main__':  # before the heavy imports: glibc reads its tunables at process start
+  from mcl_jax import host_malloc  # pylint: disable=g-import-not-at-top
+
+  host_malloc.reexec_if_cpu_only()
+
+from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
 from ml_collections import config_flags
 
 from mcl_jax import cli

@@ -136,6 +136,44 @@ def test_mcl_okd_branches_are_evaluated_as_peers(tmp_path):
   assert 'eval/peer_2/top1' not in last
 
 
+@pytest.mark.parametrize('memory_bank', [False, True])
+def test_mcl_on_a_multi_branch_net_trains_its_branches_as_peers(tmp_path, memory_bank):
+  """MCL(x4)'s form: one shared-trunk network whose branches are MCL's peers (a head and, with
+  the memory bank, a memory each), every branch evaluated as a peer."""
+  bank = {'method.memory_bank': True, 'method.num_negatives': 16} if memory_bank else {}
+  config = tiny_config(
+      **{
+          'method.name': 'mcl',
+          'model.arch': 'resnet8_okd2',
+          'cohort.num_peers': 1,
+          'total_steps': 2,
+          'data.eval_examples': 32,
+          'method.logit_kd': True,
+          **bank,
+      }
+  )
+  last = _run(config, tmp_path)[-1]
+  for key in ('train/vcl', 'train/icl', 'train/soft_icl', 'train/kd', 'eval/peer_1/top1'):
+    assert np.isfinite(last[key]), (key, last)
+  assert last['train/icl'] > 0  # the two branches contrast with each other
+  assert 'eval/peer_2/top1' not in last
+  state = ocp.StandardCheckpointer().restore(
+      os.path.join(tmp_path, 'checkpoints', 'latest', '2', 'state')
+  )
+  heads = state['params']['method']['heads'][0]
+  assert {leaf.shape[0] for leaf in jax.tree.leaves(heads)} == {2}
+  if memory_bank:
+    assert state['method_state']['memory'].shape == (2, 128, config.method.embed_dim)
+
+
+def test_crcd_refuses_multi_branch_students(tmp_path):
+  config = student_config('crcd', str(tmp_path), **{'model.arch': 'resnet8_okd2'})
+  with pytest.raises(
+      config_lib.ConfigError, match=r"crcd needs single-branch students.*\['resnet8_okd2'\]"
+  ):
+    train.validate(config)
+
+
 def test_multi_branch_resnet_shares_stem_and_first_stage():
   def count(arch, channels=3, **kw):
     shapes = jax.eval_shape(

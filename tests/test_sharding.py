@@ -149,6 +149,8 @@ LAYOUT_CASES = (
     ('lmcl', 'resnet8', 4),
     ('lmcl:memory_bank', 'resnet8', 4),
     ('mcl_okd', 'resnet8_okd2', 8),
+    ('mcl', 'resnet8_okd2', 8),  # MCL on shared-trunk nets: a head per branch
+    ('mcl:memory_bank', 'resnet8_okd2', 8),  # ... and a memory per branch
     ('kd', 'resnet8', 4),
     ('ckd', 'resnet8', 4),
     ('crcd', 'resnet8', 4),

@@ -34,8 +34,8 @@ class ArchSpec:
   constructor(num_classes=, dtype=) -> nn.Module, whose `__call__(x, *, train)` returns
   {'logits' [B, C], 'feature' [B, D], 'stages' (tuple of maps; may be empty)}, with attributes
   `num_classes` and `feature_dim` (= D).
-  num_branches: > 1 for a multi-branch model (MCL-OKD): its 'logits' and 'feature' carry a
-    leading branch axis [M, B, ...] and each branch counts as a peer in evaluation.
+  num_branches: > 1 for a multi-branch model (MCL-OKD, MCL(x4)): its 'logits' and 'feature' carry
+    a leading branch axis [M, B, ...] and each branch counts as a peer in evaluation.
   stage_tails: the constructor also takes `first_stage=s` and then builds only stages s.. + pool +
     classifier on the output map of stage s - 1 (L-MCL's auxiliary branches); the module is a
     `StagedNet` (attributes num_stages, stage_widths, block, stage_sizes).
