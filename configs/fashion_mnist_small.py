@@ -26,9 +26,11 @@ test accuracy has plateaued (83.6-84.4% from epoch 140 on; 84.0 / 84.2% at the e
 85.2%): a 15-point generalisation gap for the online methods to close. (Early eval-mode numbers
 swing at lr ~0.1: BatchNorm running statistics of a small set.)
 
-Arguments (`--config configs/fashion_mnist_small.py:method=mcl,peers=4,seed=1`): method
+Arguments (`--config configs/fashion_mnist_small.py:method=mcl,branches=4,seed=1`): method
 (independent | dml | mcl | lmcl | mcl_okd), arch (default resnet8), peers (cohort size; for
-mcl_okd the number of branches of one `<arch>_okd<peers>` network), images (training images,
+mcl_okd the number of branches of one `<arch>_okd<peers>` network), branches (MCL / DML /
+independent: 1 for `peers` plain networks; M > 1 for one shared-trunk `<arch>_okd<M>` network
+whose M branches are the peers, the authors' MCL(x4) setup with branches=4), images (training images,
 default 1000), epochs (default 200), seed, smoke. Method switches go on the command line, e.g.
 `--config.method.logit_kd=True` (MCL + logit KD), `--config.method.dot_weight=0.0
 --config.method.contrast_weight=0.0` (MCL-OKD's branches with CE only),
@@ -46,7 +48,8 @@ def get_config(arg=None):
       arg,
       method='independent',
       arch='resnet8',
-      peers=2,
+      peers=0,  # 0: 2 plain networks, or 1 multi-branch network (branches > 1)
+      branches=1,
       images=1000,
       epochs=200.0,
       seed=0,
@@ -59,11 +62,12 @@ def get_config(arg=None):
   config_lib.set_fashion_mnist(c, args['epochs'])  # batch 128, SGD-Nesterov 0.1, wd 5e-4, cosine
   c.data.train_examples = args['images']  # a fixed, seed-independent subset of the 20k
   c.data.train_eval_examples = -1  # train_eval/*: every evaluation also on all training images
-  c.model.arch = args['arch']
-  c.cohort.num_peers = args['peers']
+  c.model.arch, c.cohort.num_peers = config_lib.mcl_cohort(
+      args['arch'], args['peers'], args['branches'], baseline=False
+  )
   c.method = methods.config(args['method'])  # the method's default hyper-parameters
   if args['method'] == 'mcl_okd':  # one multi-branch network, its branches are the peers
-    c.model.arch = f"{args['arch']}_okd{args['peers']}"
+    c.model.arch = f"{args['arch']}_okd{args['peers'] or 2}"
     c.cohort.num_peers = 1
   steps_per_epoch = args['images'] // c.batch_size
   # 10 evaluations (test set + training images) and checkpoints per run; a log line every 5

@@ -48,7 +48,8 @@ run_seed() {
   go independent_s$s --config $cfg:method=independent,seed=$s
   go dml_s$s --config $cfg:method=dml,seed=$s
   go mcl_s$s --config $cfg:method=mcl,seed=$s
-  go mcl4_s$s --config $cfg:method=mcl,peers=4,seed=$s
+  # MCL x4 as the authors build it: one network, shared stem + stage 0, four branches as peers.
+  go mclx4_s$s --config $cfg:method=mcl,branches=4,seed=$s
   go mcl_kd_s$s --config $cfg:method=mcl,seed=$s --config.method.logit_kd=True
   go lmcl_s$s --config $cfg:method=lmcl,seed=$s
   go okd_s$s --config $cfg:method=mcl_okd,seed=$s
