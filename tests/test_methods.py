@@ -60,6 +60,22 @@ class FakeCohort:
     self.num_views = self.num_peers
 
 
+def reference_mcl_loss(cfg, emb, logits, labels):
+  """losses.mcl_loss with the method config's weights and temperatures, logit KD on."""
+  return losses.mcl_loss(
+      emb,
+      logits,
+      labels,
+      tau=cfg.tau,
+      T=cfg.kd_T,
+      alpha=cfg.alpha,
+      beta=cfg.beta,
+      gamma=cfg.gamma,
+      lam=cfg.lam,
+      logit_kd=True,
+  )
+
+
 def test_mcl_method_equals_loss_function_on_head_embeddings():
   """Heterogeneous cohort (2 peers of width 8 + 1 of width 12): the method embeds each group's
   features with its own heads and hands [K, B, D] to losses.mcl_loss."""
@@ -85,18 +101,7 @@ def test_mcl_method_equals_loss_function_on_head_embeddings():
       emb.append(method.head.apply({'params': p}, f[k]))
   emb = jnp.stack(emb)
   np.testing.assert_allclose(jnp.linalg.norm(emb, axis=-1), 1.0, rtol=1e-5)
-  ref_total, ref_terms = losses.mcl_loss(
-      emb,
-      logits,
-      labels,
-      tau=cfg.tau,
-      T=cfg.kd_T,
-      alpha=cfg.alpha,
-      beta=cfg.beta,
-      gamma=cfg.gamma,
-      lam=cfg.lam,
-      logit_kd=True,
-  )
+  ref_total, ref_terms = reference_mcl_loss(cfg, emb, logits, labels)
   chex.assert_trees_all_close((total, terms), (ref_total, ref_terms), rtol=1e-5)
   assert set(terms) == {'ce', 'vcl', 'icl', 'soft_vcl', 'soft_icl', 'kd'}
 
@@ -227,18 +232,7 @@ def test_mcl_on_a_multi_branch_net_contrasts_every_branch_as_a_peer():
 
   emb = _view_embeddings(method, params['heads'][0], features)
   assert not np.allclose(emb[0], emb[1], atol=1e-3)  # the branches of a peer differ
-  ref_total, ref_terms = losses.mcl_loss(
-      emb,
-      logits,
-      labels,
-      tau=cfg.tau,
-      T=cfg.kd_T,
-      alpha=cfg.alpha,
-      beta=cfg.beta,
-      gamma=cfg.gamma,
-      lam=cfg.lam,
-      logit_kd=True,
-  )
+  ref_total, ref_terms = reference_mcl_loss(cfg, emb, logits, labels)
   chex.assert_trees_all_close((total, terms), (ref_total, ref_terms), rtol=1e-5)
   assert float(terms['icl']) > 0 and float(terms['kd']) > 0
 
