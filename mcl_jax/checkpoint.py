@@ -62,7 +62,15 @@ def _short(e: Exception) -> str:
 
 def _manager(directory: str, max_to_keep: int, async_save: bool) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save
+      max_to_keep=max_to_keep,
+      create=True,
+      enable_async_checkpointing=async_save,
+      # The latest and best managers save concurrently (async, often the same step). Multi-host,
+      # each manager's barriers need their own names: with orbax's default (no prefix) the two
+      # managers' "set_value_start" barriers collide ("Barrier ... is already ongoing").
+      multiprocessing_options=ocp.options.MultiprocessingOptions(
+          barrier_sync_key_prefix=f'mcl_jax_{os.path.basename(directory)}'
+      ),
   )
   return ocp.CheckpointManager(directory, options=options, item_names=('state', 'meta'))
 
