@@ -85,4 +85,9 @@ def test_strategies_take_the_same_step(arch):
           jax.device_put(state, exp.state_sharding), exp.batch(0), exp.frozen
       )
       out[s] = jax.device_get((new_state, metrics))
-  assert max_relative_difference(out['vmap'], out['unroll']) < 1e-9
+  # Leaves that are mathematically zero carry only round-off (~1e-12 here, different in the two
+  # programs) and are measured against 1e-2 (below any weight's scale) instead of their own: a
+  # bias followed by BatchNorm gets a zero gradient (VGG's conv biases; ShuffleNetV2's bn2 offset,
+  # followed by a 1x1 conv and bn3, whose running mean at init is likewise zero). Every other leaf
+  # of vgg16 agrees to 1e-13.
+  assert max_relative_difference(out['vmap'], out['unroll'], floor=1e-2) < 1e-9

@@ -65,9 +65,9 @@ def start_training(cmd, cwd):
   return proc, lines
 
 
-def max_relative_difference(a, b) -> float:
-  """max over the float leaves of two pytrees of max|a - b| / max|b| (the leaf's scale); other
-  leaves must be equal (inf otherwise)."""
+def max_relative_difference(a, b, floor: float = 1e-12) -> float:
+  """max over the float leaves of two pytrees of max|a - b| / max(max|b|, floor) (the leaf's
+  scale, at least `floor`); other leaves must be equal (inf otherwise)."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
@@ -75,7 +75,7 @@ def max_relative_difference(a, b) -> float:
     x, y = np.asarray(x), np.asarray(y)
     if not np.issubdtype(y.dtype, np.floating):
       return 0.0 if np.array_equal(x, y) else np.inf
-    return float(np.max(np.abs(x - y)) / max(float(np.max(np.abs(y))), 1e-12))
+    return float(np.max(np.abs(x - y)) / max(float(np.max(np.abs(y))), floor))
 
   return max(jax.tree.leaves(jax.tree.map(rel, a, b)))
 
