@@ -35,8 +35,10 @@ CHANGES_NAME = 'config_changes.jsonl'
 
 # Keys that may differ when a run is resumed: how long it runs and how often it logs, evaluates and
 # checkpoints (what is trained up to now is unchanged), where the data is read from, and the eval
-# batch size (eval counts correct predictions per example: the batch does not change them).
-# Changes of these are still recorded in config_changes.jsonl. Everything else (method, model,
+# batch size (eval counts correct predictions per example: the batch does not change them), and
+# the cohort strategy (vmap / unroll / autotune compute the same step, to float round-off: a run
+# moved to another machine may be resumed with the strategy that suits it). Changes of these are
+# still recorded in config_changes.jsonl. Everything else (method, model,
 # optimizer, data, seed, batch, mesh...) is compared, whatever the keys of a section are called.
 FREE_KEYS = (
     'total_epochs',
@@ -48,6 +50,7 @@ FREE_KEYS = (
     'data.data_dir',
     'data.eval_batch_size',
     'data.train_eval_examples',
+    'cohort.strategy',
 )
 
 _ABSENT = '<absent>'

@@ -214,10 +214,18 @@ def test_an_allowed_change_is_recorded_with_its_step_and_both_values(finished, t
 
 def test_run_length_keys_change_freely_and_are_recorded(finished, tmp_path):
   workdir = _copy(finished, tmp_path)
-  train.run(smoke_config(total_steps=STEPS + 2, log_every_steps=1), workdir)
+  before = json.load(open(os.path.join(workdir, 'config.json')))['cohort']['strategy']
+  train.run(
+      smoke_config(total_steps=STEPS + 2, log_every_steps=1, **{'cohort.strategy': 'vmap'}),
+      workdir,
+  )
   (record,) = [json.loads(l) for l in open(os.path.join(workdir, workdir_lib.CHANGES_NAME))]
   assert record['allowed_by'] == 'free keys'
-  assert record['changes'] == {'log_every_steps': [4, 1], 'total_steps': [STEPS, STEPS + 2]}
+  assert record['changes'] == {
+      'cohort.strategy': [before, 'vmap'],
+      'log_every_steps': [4, 1],
+      'total_steps': [STEPS, STEPS + 2],
+  }
 
 
 def test_rerunning_a_finished_run_changes_nothing_and_sums_it_up(finished, tmp_path, capsys):
