@@ -2,9 +2,10 @@
 MCL cohort, and an L-MCL cohort for the nets L-MCL's tables use; the multi-branch nets under
 MCL-OKD), and the `vmap` and `unroll` cohort strategies take the same step on them.
 
-Marked `slow` (about 40 min on a 2-core CPU, compiles of ResNet-50-sized cohorts): the README's
-test command deselects them; run `python -m pytest -m slow tests/test_models_train.py`. Their last
-result is in results/new_networks.md."""
+Marked `slow` (1.5-2 hours on a 2-core CPU: compiles of ResNet-50-sized cohorts and of L-MCL's
+meta step, ~30 min for one ShuffleNetV2 cohort under load): the README's test command deselects
+them; run `python -m pytest -m slow tests/test_models_train.py`. Their last result is in
+results/new_networks.md."""
 
 import json
 import math
