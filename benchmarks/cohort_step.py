@@ -11,6 +11,7 @@ the PyTorch step that benchmarks/suite.py compares with.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
@@ -58,13 +59,25 @@ def build_step(arch, peers, method, strategy, batch, fast_path=True, num_classes
   return cohort, state, train_step, data
 
 
-def build_meta_step(cohort, method_config, fast_path=True, donate=False):
-  """The jitted meta step (`step.make_meta_step`) of `build_step`'s setup, for the `lmcl`
-  `method_config`; `donate`: as the training loop runs it (the state's buffers reused)."""
+def build_meta_step(cohort, method_config, fast_path=True, donate=False, program=None, jit=None):
+  """The meta step of `build_step`'s setup for the `lmcl` `method_config`, as the training loop
+  builds it: one jitted program (`step.make_meta_step`) or a sequence of them
+  (`step.make_per_step_meta_step`), by `program` (default: the method's `meta_program`, 'auto'
+  resolved per backend). `donate`: the state's buffers reused, as the loop runs it (per step: always).
+  jit: how each per-step program is jitted (default: `jax.jit` with the compiler options)."""
+  if program is not None:
+    keys = {k: v for k, v in method_config.items() if k != 'name'}
+    method_config = methods.config('lmcl', **{**keys, 'meta_program': program})
+  method = methods.build(method_config)
+  options = step_lib.compiler_options(enabled=fast_path)
+  make = (step_lib.make_meta_step, step_lib.make_per_step_meta_step)
+  if step_lib.meta_program(method) == 'per_step':
+    jit = jit or functools.partial(jax.jit, compiler_options=options)
+    return make[1](cohort, method, optimizer()[1], AUG, seed=0, jit=jit)
   return jax.jit(
-      step_lib.make_meta_step(cohort, methods.build(method_config), optimizer()[1], AUG, seed=0),
+      make[0](cohort, method, optimizer()[1], AUG, seed=0),
       donate_argnums=0 if donate else (),
-      compiler_options=step_lib.compiler_options(enabled=fast_path),
+      compiler_options=options,
   )
 
 

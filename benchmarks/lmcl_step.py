@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import time
 
 import jax
 
 from cohort_step import build_meta_step, build_step, time_step
-from mcl_jax import methods
+from mcl_jax import methods, step as step_lib
 from timing import loadavg
 
 
@@ -37,6 +38,12 @@ def main(argv=None):
   ap.add_argument('--meta-steps', type=int, default=None, help='timed meta steps (--steps)')
   ap.add_argument('--warmup', type=int, default=2)
   ap.add_argument('--every', type=int, default=50, help='meta_every_steps of the amortised cost')
+  ap.add_argument(
+      '--meta-program',
+      default=None,
+      choices=('auto', 'one', 'per_step'),
+      help="the meta round as one program or per step (default: the method's, auto)",
+  )
   args = ap.parse_args(argv)
   meta_steps = args.steps if args.meta_steps is None else args.meta_steps
   load_start = loadavg()
@@ -45,7 +52,11 @@ def main(argv=None):
       args.arch, args.peers, 'lmcl', args.strategy, args.batch
   )
   compile_s, train_ms, state = time_step(train_step, state, data, args.steps, args.warmup)
-  meta_step = build_meta_step(cohort, methods.config('lmcl'), donate=True)
+  method_config = methods.config(
+      'lmcl', **({'meta_program': args.meta_program} if args.meta_program else {})
+  )
+  program = step_lib.meta_program(methods.build(method_config))
+  meta_step = build_meta_step(cohort, method_config, donate=True)
   t0 = time.perf_counter()
   state = jax.block_until_ready(meta_step(state, data, None))
   meta_compile_s = time.perf_counter() - t0
@@ -71,7 +82,10 @@ def main(argv=None):
               'meta_over_train': round(meta / train, 2),
               f'amortised_step_ms_at_{args.every}': round(train + meta / args.every, 2),
               'train_compile_s': round(compile_s, 1),
+              'meta_program': program,
+              # the first meta step: its compile (every program of it) and one run
               'meta_compile_s': round(meta_compile_s, 1),
+              'peak_rss_mib': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
               'steps': len(train_ms),
               'meta_steps': len(meta_ms),
               'train_step_ms_all': [round(t, 1) for t in train_ms],

@@ -18,8 +18,9 @@ the leaves the real optimizer's `optim.wd_mask` spares, so the virtual steps mir
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +31,33 @@ OuterLoss = Callable  # theta -> scalar
 
 MODES = ('exact', 'official')
 SECOND_ORDER = ('reverse_over_forward', 'reverse_over_reverse')
+# 'one': the whole round is one program (`hypergradient`); 'per_step': one program per virtual step
+# and per reverse step, each compiled once and reused (`per_step_hypergradient`).
+PROGRAMS = ('one', 'per_step')
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """The static choices of a meta-optimisation round (see `hypergradient` for each)."""
+
+  inner_steps: int
+  momentum: float
+  mode: str = 'exact'
+  second_order: str = 'reverse_over_forward'
+  unroll: bool = True
+  remat: bool = True
+
+
+class Problem(NamedTuple):
+  """One round's inputs: `phi` and `theta0` (pytrees), `inner_loss(theta, phi)`,
+  `outer_loss(theta)`, the virtual steps' `lr` and `weight_decay` (scalar or pytree like theta0)."""
+
+  phi: Any
+  theta0: Any
+  inner_loss: InnerLoss
+  outer_loss: OuterLoss
+  lr: Any
+  weight_decay: Any
 
 
 def gradient_fn(loss: Callable, second_order: str = 'reverse_over_forward') -> Callable:
@@ -257,32 +285,156 @@ def _adjoint_hypergradient(
   coupling = weight_decay is the exact reverse of `virtual_sgd_step`; 1 is the authors' code.
   weight_decay and coupling: scalars or per-leaf pytrees like theta0.
   """
-  outer_grad = gradient_fn(lambda theta, phi: outer_loss(theta), second_order)  # phi unused
-  grad_fns = [gradient_fn(inner_loss, second_order)] * inner_steps + [outer_grad]
+  grad_fns = _step_gradients(inner_loss, outer_loss, inner_steps, second_order)
   theta, velocity, pre_step = theta0, jax.tree.map(jnp.zeros_like, theta0), []
   for grad_fn in grad_fns:
     pre_step.append(theta)
-    theta, velocity = virtual_sgd_step(
-        theta, velocity, grad_fn(theta, phi), lr=lr, weight_decay=weight_decay, momentum=momentum
-    )
-  a0 = jax.grad(outer_loss)(theta)
-  a1 = jax.tree.map(jnp.zeros_like, a0)
-  g_phi = jax.tree.map(jnp.zeros_like, phi)
+    theta, velocity = _forward_step(grad_fn, theta, velocity, phi, lr, weight_decay, momentum)
+  adjoint = _adjoint_start(outer_loss, theta, phi)
   for grad_fn, theta_prev in zip(reversed(grad_fns), reversed(pre_step)):
-    u = _axpy(-lr, a0, a1)
-    _, vjp = jax.vjp(grad_fn, theta_prev, phi)
-    hessian_u, cross_u = vjp(u)
-    g_phi = jax.tree.map(jnp.add, g_phi, cross_u)
-    a0 = jax.tree.map(
-        lambda x0, x1, hu, wd, c: (1 - lr * wd) * x0 + c * x1 + hu,
-        a0,
-        a1,
-        hessian_u,
-        per_leaf(weight_decay, a0),
-        per_leaf(coupling, a0),
+    adjoint = _reverse_step(grad_fn, theta_prev, phi, adjoint, lr, weight_decay, momentum, coupling)
+  return adjoint[2]
+
+
+def _step_gradients(inner_loss, outer_loss, inner_steps, second_order):
+  """The gradient function g_n(theta, phi) of each virtual step n = 1 .. inner_steps + 1."""
+  outer_grad = gradient_fn(lambda theta, phi: outer_loss(theta), second_order)  # phi unused
+  return [gradient_fn(inner_loss, second_order)] * inner_steps + [outer_grad]
+
+
+def _forward_step(grad_fn, theta, velocity, phi, lr, weight_decay, momentum):
+  """Virtual step n: (theta_n, v_n) from (theta_{n-1}, v_{n-1})."""
+  return virtual_sgd_step(
+      theta, velocity, grad_fn(theta, phi), lr=lr, weight_decay=weight_decay, momentum=momentum
+  )
+
+
+def _adjoint_start(outer_loss, theta_last, phi):
+  """(a0, a1, G) at the end of the trajectory: (grad outer_loss(theta_last), 0, 0)."""
+  a0 = jax.grad(outer_loss)(theta_last)
+  return a0, jax.tree.map(jnp.zeros_like, a0), jax.tree.map(jnp.zeros_like, phi)
+
+
+def _reverse_step(grad_fn, theta_prev, phi, adjoint, lr, weight_decay, momentum, coupling):
+  """One step of `_adjoint_hypergradient`'s recursion: (a0, a1, G) before virtual step n."""
+  a0, a1, g_phi = adjoint
+  u = _axpy(-lr, a0, a1)
+  _, vjp = jax.vjp(grad_fn, theta_prev, phi)
+  hessian_u, cross_u = vjp(u)
+  g_phi = jax.tree.map(jnp.add, g_phi, cross_u)
+  a0 = jax.tree.map(
+      lambda x0, x1, hu, wd, c: (1 - lr * wd) * x0 + c * x1 + hu,
+      a0,
+      a1,
+      hessian_u,
+      per_leaf(weight_decay, a0),
+      per_leaf(coupling, a0),
+  )
+  return a0, jax.tree.map(lambda x: momentum * x, u), g_phi
+
+
+def _coupling(mode, weight_decay):
+  """The momentum adjoint's coupling of `mode` (`_adjoint_hypergradient`)."""
+  if mode not in MODES:
+    raise ValueError(f'meta_grad mode {mode!r} is not one of {MODES}.')
+  return weight_decay if mode == 'exact' else 1.0
+
+
+def hypergradient_of(problem: Problem, settings: Settings):
+  """`hypergradient` of a `Problem` under `Settings`: the round as one program."""
+  return hypergradient(
+      problem.phi,
+      problem.theta0,
+      problem.inner_loss,
+      problem.outer_loss,
+      lr=problem.lr,
+      weight_decay=problem.weight_decay,
+      **dataclasses.asdict(settings),
+  )
+
+
+def per_step_hypergradient(
+    problem_fn: Callable[..., Problem], settings: Settings, jit: Callable = jax.jit
+) -> Callable:
+  """`hypergradient_of(problem_fn(*args), settings)` as a sequence of small jitted programs.
+
+  Returns `fn(*args) -> G_phi`. The recursion of `_adjoint_hypergradient` (coupling = weight decay
+  for mode 'exact': the same numbers as the one-program nested `jax.grad`, to round-off; 1 for
+  'official'), driven from Python: a program for the start (theta0), one per kind of virtual step
+  (the inner steps share one), one for grad outer_loss at the end and one per kind of reverse step,
+  so an inner step is compiled once however many there are, and no program holds more than one
+  step's working set (compile time and memory: docs/performance.md#l-mcl-meta-step). Every program rebuilds
+  the problem from `args` (the closures are re-traced, the arrays are the same), so `problem_fn`
+  must be deterministic: its random choices keyed by its arguments. `unroll` and `remat` do not
+  apply. `jit`: how each program is jitted (e.g. with compiler options).
+  """
+
+  def grad_fns(problem):
+    return _step_gradients(
+        problem.inner_loss, problem.outer_loss, settings.inner_steps, settings.second_order
     )
-    a1 = jax.tree.map(lambda x: momentum * x, u)
-  return g_phi
+
+  def start(*args):
+    problem = problem_fn(*args)
+    return problem.theta0, jax.tree.map(jnp.zeros_like, problem.theta0)
+
+  def forward(n):
+    def step(theta, velocity, *args):
+      problem = problem_fn(*args)
+      return _forward_step(
+          grad_fns(problem)[n],
+          theta,
+          velocity,
+          problem.phi,
+          problem.lr,
+          problem.weight_decay,
+          settings.momentum,
+      )
+
+    return jit(step)
+
+  def adjoint_start(theta_last, *args):
+    problem = problem_fn(*args)
+    return _adjoint_start(problem.outer_loss, theta_last, problem.phi)
+
+  def reverse(n):
+    def step(theta_prev, adjoint, *args):
+      problem = problem_fn(*args)
+      return _reverse_step(
+          grad_fns(problem)[n],
+          theta_prev,
+          problem.phi,
+          adjoint,
+          problem.lr,
+          problem.weight_decay,
+          settings.momentum,
+          _coupling(settings.mode, problem.weight_decay),
+      )
+
+    return jit(step, donate_argnums=1)
+
+  _coupling(settings.mode, 0.0)  # validate the mode now, not at the first call
+  last = settings.inner_steps  # index of the outer (CE) step
+  # The inner steps are one function (index 0), the outer step another: compiled once each.
+  programs = {
+      'start': jit(start),
+      'forward': (forward(0), forward(last)),
+      'adjoint_start': jit(adjoint_start),
+      'reverse': (reverse(0), reverse(last)),
+  }
+
+  def fn(*args):
+    theta, velocity = programs['start'](*args)
+    trajectory = []
+    for n in range(last + 1):
+      trajectory.append(theta)
+      theta, velocity = programs['forward'][n == last](theta, velocity, *args)
+    adjoint = programs['adjoint_start'](theta, *args)
+    for n in reversed(range(last + 1)):
+      adjoint = programs['reverse'][n == last](trajectory[n], adjoint, *args)
+    return adjoint[2]
+
+  return fn
 
 
 def meta_optimizer(weight_decay: float, momentum: float) -> optax.GradientTransformation:

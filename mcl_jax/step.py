@@ -8,7 +8,7 @@ keyed by `fold_in(seed, step)`, all peers forward (cohort strategy), the method'
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import flax
 import jax
@@ -17,7 +17,7 @@ import optax
 
 from jax.sharding import PartitionSpec as P
 
-from mcl_jax import augment, losses, sharding
+from mcl_jax import augment, losses, meta, sharding
 
 # XLA:CPU fuses the residual BN/add/ReLU chains into the transposes feeding weight-gradient convs
 # and recomputes them there; routing elementwise ops and reductions through YNNPACK materialises
@@ -182,7 +182,9 @@ def make_meta_step(cohort, method, schedule, aug, seed: int, wd_mask: str = 'all
   """Returns `meta_step(state, batch, frozen) -> state` for methods with a meta-optimisation
   (`method.meta_every_steps` > 0), run by the loop right after the ordinary update of step t when
   t % meta_every_steps == 0, on the same batch and augmentation. Only the method state changes.
-  wd_mask: the real optimizer's `optim.wd_mask`, which virtual steps mirror."""
+  The whole round is one function, to be jitted as one program (`make_per_step_meta_step` is the
+  same round as several). wd_mask: the real optimizer's `optim.wd_mask`, which virtual steps
+  mirror."""
 
   def meta_step(state: TrainState, batch, frozen=None):
     step = state.step - 1  # the step whose update was just applied
@@ -196,6 +198,56 @@ def make_meta_step(cohort, method, schedule, aug, seed: int, wd_mask: str = 'all
     return state.replace(method_state=new_method_state)
 
   return meta_step
+
+
+def make_per_step_meta_step(
+    cohort,
+    method,
+    schedule,
+    aug,
+    seed: int,
+    wd_mask: str = 'all',
+    jit: Callable = jax.jit,
+    state_sharding=None,
+):
+  """`make_meta_step`'s round as a Python sequence of jitted programs, one per kind of virtual and
+  reverse step (`meta.per_step_hypergradient`) and one that applies the hyper-gradient to the
+  (donated) state; returns the ready-to-call `meta_step(state, batch, frozen) -> state`.
+  jit: how each program is jitted (compiler options; the shardings follow the inputs');
+  state_sharding: the new state's, when given."""
+
+  def problem(state: TrainState, batch, frozen):
+    step = state.step - 1
+    batch, method_key = augmented_batch(batch, step, seed, aug, method)
+    ctx = LossContext(
+        rng=method_key, step=step, peer_params=state.params['peers'], frozen=frozen, cohort=cohort
+    )
+    return method.meta_problem(state, batch, ctx, cohort=cohort, lr=schedule(step), wd_mask=wd_mask)
+
+  hypergradient = meta.per_step_hypergradient(problem, method.meta_settings, jit=jit)
+
+  def apply(state: TrainState, g_phi):
+    lr = schedule(state.step - 1)
+    return state.replace(method_state=method.meta_apply(state.method_state, g_phi, lr))
+
+  placed = {} if state_sharding is None else {'out_shardings': state_sharding}
+  apply = jit(apply, donate_argnums=0, **placed)
+
+  def meta_step(state: TrainState, batch, frozen=None):
+    return apply(state, hypergradient(state, batch, frozen))
+
+  return meta_step
+
+
+def meta_program(method, backend: str | None = None) -> str:
+  """The method's `meta_program` with 'auto' resolved: 'per_step' on CPU (measured:
+  docs/performance.md#l-mcl-meta-step), 'one' elsewhere (not measured on accelerators)."""
+  program = method.meta_program
+  if program == 'auto':
+    program = 'per_step' if (backend or jax.default_backend()) == 'cpu' else 'one'
+  if program not in meta.PROGRAMS:
+    raise ValueError(f'meta_program {program!r} is not one of {("auto",) + meta.PROGRAMS}.')
+  return program
 
 
 def make_eval_step(cohort, data_config):

@@ -264,20 +264,22 @@ class Experiment:
     self.train_step = tuned_steps.get(self.cohort.strategy) or self.jit_train_step(self.cohort)
     self.meta_step = None
     if self.method.meta_every_steps > 0:
-      self.meta_step = jax.jit(
-          step_lib.make_meta_step(
-              self.cohort,
-              self.method,
-              self.schedule,
-              self.aug,
-              config.seed,
-              wd_mask=config.optim.wd_mask,
-          ),
-          in_shardings=(self.state_sharding, self.batch_sharding, self.replicated),
-          out_shardings=self.state_sharding,
-          donate_argnums=0,
-          compiler_options=self.compiler_options,
-      )
+      meta_args = (self.cohort, self.method, self.schedule, self.aug, config.seed)
+      if step_lib.meta_program(self.method) == 'per_step':
+        self.meta_step = step_lib.make_per_step_meta_step(
+            *meta_args,
+            wd_mask=config.optim.wd_mask,
+            jit=functools.partial(jax.jit, compiler_options=self.compiler_options),
+            state_sharding=self.state_sharding,
+        )
+      else:
+        self.meta_step = jax.jit(
+            step_lib.make_meta_step(*meta_args, wd_mask=config.optim.wd_mask),
+            in_shardings=(self.state_sharding, self.batch_sharding, self.replicated),
+            out_shardings=self.state_sharding,
+            donate_argnums=0,
+            compiler_options=self.compiler_options,
+        )
     self.eval_step = jax.jit(
         step_lib.make_eval_step(self.cohort, self.aug),
         out_shardings=self.replicated,

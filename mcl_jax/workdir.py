@@ -51,6 +51,7 @@ FREE_KEYS = (
     'data.eval_batch_size',
     'data.train_eval_examples',
     'cohort.strategy',
+    'method.meta_program',  # the same meta round, compiled as one program or per step
 )
 
 _ABSENT = '<absent>'

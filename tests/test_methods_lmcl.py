@@ -4,6 +4,8 @@ heterogeneous cohort, and a smoke training run with the meta step."""
 
 import json
 import os
+import subprocess
+import sys
 import types
 
 import chex
@@ -12,10 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from support import tiny_config
+from support import REPO, tiny_config
 from mcl_jax import checkpoint as ckpt_lib
 from mcl_jax import cohort as cohort_lib
 from mcl_jax import config_lib, losses, meta, methods, train
+from mcl_jax import step as step_lib
 from mcl_jax.step import LossContext
 
 LR, WD, MU = 0.3, 5e-4, 0.9
@@ -267,6 +270,89 @@ def test_per_leaf_weight_decay_matches_finite_differences_and_the_adjoint():
     )
     np.testing.assert_allclose(stepped['b'], theta['b'] - LR, rtol=1e-14)
     np.testing.assert_allclose(stepped['a'], theta['a'] - LR * (1 + 0.2 * theta['a']), rtol=1e-14)
+
+
+def test_per_step_programs_equal_the_one_program():
+  """meta.per_step_hypergradient (a jitted program per kind of step, driven from Python) gives the
+  one-program hyper-gradient in both modes for 1-3 inner steps with per-leaf weight decay, and
+  compiles each of its 6 programs once however many inner steps there are."""
+  with jax.enable_x64(True):
+    theta, phi, inner, outer = dense_problem(seed=5)
+    theta = jax.tree.map(jnp.asarray, theta)
+    phi = jax.tree.map(jnp.asarray, phi)
+    wd_tree = {'a': 0.2, 'b': 0.0, 'cls_a': 0.05, 'cls_b': 0.0}
+    traces = []
+
+    def counting_jit(fn, **kwargs):
+      def traced(*args):
+        traces.append(fn.__qualname__)
+        return fn(*args)
+
+      return jax.jit(traced, **kwargs)
+
+    problem_fn = lambda th, p, lr: meta.Problem(p, th, inner, outer, lr, wd_tree)  # noqa: E731
+    for mode in meta.MODES:
+      for inner_steps in (1, 2, 3):
+        settings = meta.Settings(inner_steps=inner_steps, momentum=MU, mode=mode)
+        expected = meta.hypergradient_of(problem_fn(theta, phi, LR), settings)
+        assert max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(expected)) > 1e-3
+        traces.clear()
+        per_step = meta.per_step_hypergradient(problem_fn, settings, jit=counting_jit)
+        for _ in range(2):
+          got = per_step(theta, phi, jnp.asarray(LR))
+          chex.assert_trees_all_close(got, expected, rtol=1e-10, atol=1e-14)
+        assert len(traces) == 6, (mode, inner_steps, traces)
+    with pytest.raises(ValueError, match='mode'):
+      meta.per_step_hypergradient(problem_fn, meta.Settings(2, MU, mode='approx'))
+
+
+def test_meta_programs_agree_on_the_lmcl_step():
+  """The trainer's meta step as one program and per step (the CPU default) move phi alike after a
+  real train step (float32: the two sum in different orders), and leave the rest of the state."""
+  moved = {}
+  for program in meta.PROGRAMS:
+    exp = train.Experiment(tiny_config(**{'method.name': 'lmcl', 'method.meta_program': program}))
+    assert step_lib.meta_program(exp.method) == program
+    state, _ = exp.train_step(exp.init_state(), exp.batch(0), exp.frozen)
+    before = jax.tree.map(np.asarray, state)
+    after = exp.meta_step(state, exp.batch(0), exp.frozen)
+    moved[program] = jax.tree.map(
+        lambda a, b: np.asarray(a) - b, after.method_state['phi'], before.method_state['phi']
+    )
+    for name in ('params', 'batch_stats', 'opt_state'):
+      chex.assert_trees_all_equal(getattr(after, name), getattr(before, name))
+  scale = max(float(np.max(np.abs(x))) for x in jax.tree.leaves(moved['one']))
+  assert scale > 0
+  for a, b in zip(jax.tree.leaves(moved['per_step']), jax.tree.leaves(moved['one'])):
+    assert np.max(np.abs(a - b)) <= 1e-4 * scale
+  auto = train.Experiment(tiny_config(**{'method.name': 'lmcl'})).method
+  assert step_lib.meta_program(auto, 'cpu') == 'per_step'
+  assert step_lib.meta_program(auto, 'gpu') == 'one'
+
+
+def test_meta_programs_on_a_mesh_equal_one_device(tmp_path):
+  """Both meta programs on a (data 4, peer 2) mesh of 8 fake CPU devices (a subprocess,
+  tests/support/meta_programs_sharded.py), from the same state, move phi as the one program on 1
+  device and as each other, leave the rest of the state and keep every leaf's placement."""
+  out = str(tmp_path / 'results.json')
+  proc = subprocess.run(
+      [sys.executable, os.path.join(REPO, 'tests', 'support', 'meta_programs_sharded.py'), out],
+      capture_output=True,
+      text=True,
+      env=dict(os.environ, JAX_PLATFORMS='cpu'),
+      cwd=REPO,
+      timeout=1200,
+  )
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+  with open(out) as f:
+    results = json.load(f)
+  assert [r['program'] for r in results] == list(meta.PROGRAMS)
+  for r in results:
+    assert r['devices'] == 8 and r['phi_moved_scale'] > 0, r
+    # float32 heads and phi in the float64 model: the mesh's reordered sums (helper's docstring).
+    assert r['relative_difference'] < 1e-3, r
+    assert r['relative_difference_to_one_on_mesh'] < 1e-6, r
+    assert r['rest_unchanged'] and r['placements_kept'], r
 
 
 def test_meta_sgd_update_is_torch_nesterov():
@@ -655,10 +741,32 @@ def test_virtual_steps_follow_the_optimizers_weight_decay_mask(monkeypatch):
     seen['theta0'], seen['wd'] = theta0, weight_decay
     return jax.tree.map(jnp.zeros_like, phi)
 
+  class Captured(Exception):
+    """Stops the per-step round once its problem is seen (its programs are not traced)."""
+
+  def capture_per_step(problem_fn, settings, jit):
+    del settings, jit
+
+    def hypergradient(*args):
+      problem = problem_fn(*args)
+      capture(problem.phi, problem.theta0, weight_decay=problem.weight_decay)
+      raise Captured
+
+    return hypergradient
+
   monkeypatch.setattr(meta, 'hypergradient', capture)
-  for mask in ('all', 'no_bn_bias'):
-    exp = train.Experiment(tiny_config(**{'method.name': 'lmcl', 'optim.wd_mask': mask}))
-    jax.eval_shape(exp.meta_step, exp.abstract_state, exp.batch(0), exp.frozen)
+  monkeypatch.setattr(meta, 'per_step_hypergradient', capture_per_step)
+  for mask, program in (('all', 'one'), ('no_bn_bias', 'one'), ('no_bn_bias', 'per_step')):
+    seen.clear()
+    exp = train.Experiment(
+        tiny_config(
+            **{'method.name': 'lmcl', 'optim.wd_mask': mask, 'method.meta_program': program}
+        )
+    )
+    try:
+      jax.eval_shape(exp.meta_step, exp.abstract_state, exp.batch(0), exp.frozen)
+    except Captured:
+      assert program == 'per_step'
     wd = exp.config.method.meta_weight_decay
     flat = jax.tree_util.tree_flatten_with_path(seen['wd'])[0]
     assert len(flat) == len(jax.tree.leaves(seen['theta0']))

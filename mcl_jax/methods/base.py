@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from mcl_jax import losses
+from mcl_jax import losses, meta
 from mcl_jax.sharding import PEER, PEER_EXAMPLE, REPLICATED, same_placement  # re-exported
 
 
@@ -108,7 +108,8 @@ class KnnEval:
 @dataclasses.dataclass(frozen=True)
 class Method:
   """Base class. Subclasses declare `hparams` and override `loss`, and when they have any, `init`,
-  `layout`, `validate`, `load_frozen`, `meta_update`."""
+  `layout`, `validate`, `load_frozen`, and for a meta-optimisation `meta_settings`,
+  `meta_problem`, `meta_apply`."""
 
   config: Any  # this method's section of the config: `name` + the keys of `hparams`
   run: RunInfo | None = None
@@ -126,8 +127,11 @@ class Method:
     """m of the class-balanced sampler: the method's `samples_per_class` key, else 2."""
     return self.config.get('samples_per_class', 2)
 
-  # Methods with a meta-optimisation (L-MCL) set this > 0 and implement `meta_update`.
+  # Methods with a meta-optimisation (L-MCL) set this > 0 and implement `meta_settings`,
+  # `meta_problem` and `meta_apply` (a round: `mcl_jax.step.make_meta_step`).
   meta_every_steps = 0
+  # How a meta round is compiled: one of `meta.PROGRAMS`, or 'auto' (per backend).
+  meta_program = 'auto'
 
   # False for self-supervised methods: the step removes 'label' from the training batch before
   # `augment`, `forward` and `loss` see it, so the labels cannot reach the update.
@@ -235,10 +239,26 @@ class Method:
     """
     raise NotImplementedError
 
-  def meta_update(self, state, batch, ctx, *, cohort, lr, wd_mask='all'):
-    """New method state after a meta-optimisation round (see `mcl_jax.step.make_meta_step`);
-    wd_mask: `optim.wd_mask` of the real optimizer."""
+  @property
+  def meta_settings(self) -> meta.Settings:
+    """The static choices of a meta round (`mcl_jax.meta.Settings`)."""
     raise NotImplementedError
+
+  def meta_problem(self, state, batch, ctx, *, cohort, lr, wd_mask='all') -> meta.Problem:
+    """The meta round's `mcl_jax.meta.Problem` at the train state (after the step's update), on
+    the step's augmented batch; lr: the step's learning rate; wd_mask: the real optimizer's
+    `optim.wd_mask`. Deterministic in its arguments (it may be rebuilt once per program)."""
+    raise NotImplementedError
+
+  def meta_apply(self, method_state, g_phi, lr):
+    """New method state from the round's hyper-gradient `g_phi`."""
+    raise NotImplementedError
+
+  def meta_update(self, state, batch, ctx, *, cohort, lr, wd_mask='all'):
+    """New method state after a meta round computed as one program."""
+    problem = self.meta_problem(state, batch, ctx, cohort=cohort, lr=lr, wd_mask=wd_mask)
+    g_phi = meta.hypergradient_of(problem, self.meta_settings)
+    return self.meta_apply(state.method_state, g_phi, lr)
 
 
 def ordered_pairs(num_peers: int) -> tuple[np.ndarray, np.ndarray]:

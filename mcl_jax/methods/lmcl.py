@@ -11,11 +11,11 @@ aggregator (softmax over stages) whose weighted stage logits a_k are distilled i
 Per step (main optimiser over peers + branches + heads + aggregators; phi's weights stop-gradient):
     L = sum_{k,s} CE(logits_{k,s}) + sum_k CE(a_k) + sum_{i,j} KL_T(logits_{i,S} || sg a_j)
         + alpha*VCL + gamma*SoftVCL + beta*ICL + lam*SoftICL     (losses.layer_mcl_loss)
-Every `meta_every_steps` steps, `meta_update` moves phi (kept in the method state with its own
-persistent Nesterov-SGD momentum) along the hyper-gradient of the all-stage CE after
-`meta_inner_steps` virtual momentum-SGD steps on the phi-weighted contrastive loss plus one on the
-CE (`mcl_jax.meta`); the real parameters are untouched and the virtual steps have no side effects
-(no BatchNorm statistics are kept, docs/methods.md#l-mcl-meta-step).
+Every `meta_every_steps` steps, the meta step (`meta_problem`, `meta_apply`) moves phi (kept in
+the method state with its own persistent Nesterov-SGD momentum) along the hyper-gradient of the
+all-stage CE after `meta_inner_steps` virtual momentum-SGD steps on the phi-weighted contrastive
+loss plus one on the CE (`mcl_jax.meta`); the real parameters are untouched and the virtual steps
+have no side effects (no BatchNorm statistics are kept, docs/methods.md#l-mcl-meta-step).
 
 Parameters (`params['method']`): 'branches' (per group, per branch, `[K_g, ...]`), 'heads'
 (`[K_g, S, ...]`), 'aggregator' (`[K_g, ...]`). State: 'batch_stats' of the branches, 'phi'
@@ -106,6 +106,13 @@ class LMCL(Method):
           'reverse_over_forward',
           'second-order rule of the hyper-gradient',
           choices=meta.SECOND_ORDER,
+      ),
+      # The round as one program or as one program per virtual / reverse step (the same numbers;
+      # mcl_jax.meta.per_step_hypergradient). auto: per_step on CPU, where it compiles several
+      # times faster in a fraction of the memory (docs/performance.md#l-mcl-meta-step); one
+      # program elsewhere (not measured on accelerators).
+      'meta_program': base.HParam(
+          'auto', 'the meta round as one program or per step', choices=('auto',) + meta.PROGRAMS
       ),
       'meta_weight_decay': base.non_negative(
           5e-4, 'weight decay of the virtual steps and of phi (set it to optim.weight_decay)'
@@ -422,34 +429,38 @@ class LMCL(Method):
 
     return theta0, inner_loss, outer_loss
 
-  def meta_update(self, state, batch, ctx, *, cohort, lr, wd_mask='all'):
-    c, method_state = self.config, state.method_state
+  @property
+  def meta_settings(self) -> meta.Settings:
+    c = self.config
+    return meta.Settings(
+        inner_steps=c.meta_inner_steps,
+        momentum=META_MOMENTUM,
+        mode=c.meta_grad,
+        second_order=c.get('meta_second_order', 'reverse_over_forward'),
+        unroll=c.get('meta_unroll', True),
+    )
+
+  @property
+  def meta_program(self) -> str:
+    return self.config.get('meta_program', 'auto')
+
+  def meta_problem(self, state, batch, ctx, *, cohort, lr, wd_mask='all') -> meta.Problem:
     theta0, inner_loss, outer_loss = self.meta_objectives(state, batch, cohort, ctx.rng)
     # The virtual steps decay the leaves the real optimizer decays (optim.wd_mask); phi's own SGD
     # decays all of phi (docs/methods.md#l-mcl-meta-step, step 5).
     virtual_wd = jax.tree.map(
-        lambda decay: c.meta_weight_decay if decay else 0.0,
+        lambda decay: self.config.meta_weight_decay if decay else 0.0,
         optim.weight_decay_mask(theta0, wd_mask),
     )
-    g_phi = meta.hypergradient(
-        method_state['phi'],
-        theta0,
-        inner_loss,
-        outer_loss,
-        lr=lr,
-        weight_decay=virtual_wd,
-        momentum=META_MOMENTUM,
-        inner_steps=c.meta_inner_steps,
-        mode=c.meta_grad,
-        unroll=c.get('meta_unroll', True),
-        second_order=c.get('meta_second_order', 'reverse_over_forward'),
-    )
+    return meta.Problem(state.method_state['phi'], theta0, inner_loss, outer_loss, lr, virtual_wd)
+
+  def meta_apply(self, method_state, g_phi, lr):
     phi, phi_opt = meta.meta_sgd_update(
         method_state['phi'],
         g_phi,
         method_state['phi_opt'],
         lr,
-        weight_decay=c.meta_weight_decay,
+        weight_decay=self.config.meta_weight_decay,
         momentum=META_MOMENTUM,
     )
     return {**method_state, 'phi': phi, 'phi_opt': phi_opt}
