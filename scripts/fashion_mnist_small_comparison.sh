@@ -2,7 +2,7 @@
 # The README's small-data comparison on the embedded Fashion-MNIST (configs/fashion_mnist_small.py:
 # 1,000 training images, 200 epochs), resumable:
 #   scripts/fashion_mnist_small_comparison.sh [WORKDIRS [WORKERS]]
-# For seeds 0, 1, 2 (all of seed 0 first): every online method (independent, DML, MCL x2, MCL x4,
+# For seeds 0, 1, 2 (the main table for every seed first, then the ablations): every online method (independent, DML, MCL x2, MCL x4,
 # MCL x2 + logit KD, L-MCL x2, MCL-OKD and its branches with CE only) and the L-MCL ablations of
 # results/lmcl_investigation.md (fixed layer weights of 1, no auxiliary-branch CE, diagonal stage
 # pairs, contrastive weights / 18, the authors' meta frequency). Each run trains in WORKDIRS/NAME (default workdirs/small);
@@ -43,7 +43,7 @@ go() {
   ) 9> "$ROOT/$name.lock"
 }
 
-run_seed() {
+main_table() {
   local s=$1
   go independent_s$s --config $cfg:method=independent,seed=$s
   go dml_s$s --config $cfg:method=dml,seed=$s
@@ -55,6 +55,10 @@ run_seed() {
   go okd_s$s --config $cfg:method=mcl_okd,seed=$s
   go okd_branches_s$s --config $cfg:method=mcl_okd,seed=$s --config.method.dot_weight=0.0 \
       --config.method.contrast_weight=0.0
+}
+
+ablations() {
+  local s=$1
   # L-MCL ablations (results/lmcl_investigation.md).
   go lmcl_fixed_w_s$s --config $cfg:method=lmcl,seed=$s --config.method.meta_learned_weights=False
   go lmcl_no_branch_ce_s$s --config $cfg:method=lmcl,seed=$s --config.method.branch_ce=False
@@ -69,7 +73,8 @@ run_seed() {
 }
 
 worker() {
-  for s in 0 1 2; do run_seed "$s"; done
+  for s in 0 1 2; do main_table "$s"; done
+  for s in 0 1 2; do ablations "$s"; done
 }
 
 for w in $(seq 1 "$WORKERS"); do worker & done
