@@ -114,6 +114,12 @@ CASES = [
         'absent',
     ),
     (
+        'plot: unknown panel',
+        ['mcl_jax.plot', '{workdir}', '--panels', 'accuracy,bogus', '--out', '{workdir}/c.png'],
+        ['--panels accuracy,bogus: unknown or empty; choose from accuracy, mean_accuracy, gap'],
+        'with_checkpoint',
+    ),
+    (
         'evaluate: no run',
         ['mcl_jax.evaluate', '--workdir', '{workdir}'],
         ['{workdir} does not exist.'],

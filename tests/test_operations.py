@@ -414,3 +414,46 @@ def test_plot_overlays_runs_and_training_writes_curves(runs, tmp_path):
   assert list(fig.axes[1].lines[1].get_xdata()) == list(range(2, TOTAL_STEPS + 1, 2))
   for workdir in (runs.interrupted, runs.straight):  # written by train.run when a run finishes
     assert os.path.getsize(os.path.join(workdir, 'curves.png')) > 0
+
+
+def test_plot_mean_accuracy_and_train_test_gap(tmp_path):
+  """The `mean_accuracy` and `gap` panels against the mean over peers computed here; `gap` is
+  left out of the default panels for runs without training-set accuracy, and an error when
+  asked for."""
+  rng = np.random.default_rng(0)
+  acc = rng.uniform(0.5, 1.0, size=(2, 3, 2, 2))  # run, log point, {test, train}, peer
+  workdirs = []
+  for run in range(2):
+    workdir = tmp_path / f'run{run}'
+    workdir.mkdir()
+    lines = [{'step': 1, 'train/loss': 2.0}]  # a log point without evaluation
+    for point in range(3):
+      record = {'step': 10 * (point + 1), 'train/loss': 1.0 / (point + 1)}
+      for peer in range(2):
+        record[f'eval/peer_{peer}/top1'] = acc[run, point, 0, peer]
+        record[f'train_eval/peer_{peer}/top1'] = acc[run, point, 1, peer]
+      lines.append(record)
+    (workdir / 'metrics.jsonl').write_text(''.join(json.dumps(l) + '\n' for l in lines))
+    workdirs.append(str(workdir))
+  fig = plot.make_figure(workdirs, ('mean_accuracy', 'gap'))
+  assert [ax.get_title() for ax in fig.axes] == [plot.MEAN_ACCURACY_PANEL, plot.GAP_PANEL]
+  for run in range(2):
+    mean, gap = fig.axes[0].lines[run], fig.axes[1].lines[run]
+    assert list(mean.get_xdata()) == list(gap.get_xdata()) == [10, 20, 30]
+    np.testing.assert_allclose(mean.get_ydata(), acc[run, :, 0].mean(-1), rtol=1e-12)
+    np.testing.assert_allclose(
+        gap.get_ydata(), 100 * (acc[run, :, 1].mean(-1) - acc[run, :, 0].mean(-1)), rtol=1e-12
+    )
+  default = [ax.get_title() for ax in plot.make_figure(workdirs).axes]
+  assert default == [plot.ACCURACY_PANEL, plot.GAP_PANEL, 'train/loss']
+  for workdir in workdirs:  # without training-set accuracy
+    lines = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
+    stripped = [{k: v for k, v in l.items() if not k.startswith('train_eval/')} for l in lines]
+    with open(os.path.join(workdir, 'metrics.jsonl'), 'w') as f:
+      f.writelines(json.dumps(l) + '\n' for l in stripped)
+  assert [ax.get_title() for ax in plot.make_figure(workdirs).axes] == [
+      plot.ACCURACY_PANEL,
+      'train/loss',
+  ]
+  with pytest.raises(ValueError, match='--panels gap: no run logs accuracy on its training'):
+    plot.make_figure(workdirs, ('accuracy', 'gap'))
