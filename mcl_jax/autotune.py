@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 import jax
 
-from mcl_jax import cohort as cohort_lib
+from mcl_jax import cohort as cohort_lib, compile_cache
 
 CACHE_ENV = 'MCL_JAX_AUTOTUNE_CACHE'  # a file path; empty: no cache
 WORKDIR_NAME = 'autotune.json'
@@ -66,17 +66,6 @@ def cache_path() -> str | None:
   return os.path.join(base, 'mcl_jax', 'autotune.json')
 
 
-def _cpu_model() -> str:
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return ''
-
-
 def tuning_key(config, mesh, image_shape, compiler_options) -> dict:
   """What a decision depends on. CPU device kinds are all 'cpu': the CPU model and core count
   tell machines apart there."""
@@ -96,7 +85,7 @@ def tuning_key(config, mesh, image_shape, compiler_options) -> dict:
       'compiler_options': dict(compiler_options or {}),
   }
   if device.platform == 'cpu':
-    key['cpu'] = {'model': _cpu_model(), 'cores': os.cpu_count()}
+    key['cpu'] = {'model': compile_cache.cpu_description()[0], 'cores': os.cpu_count()}
   return key
 
 

@@ -872,4 +872,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == '__main__':
+  from mcl_jax import compile_cache  # pylint: disable=g-import-not-at-top
+
+  compile_cache.enable()  # a resumed or repeated evaluation loads its compiled programs
   main()

@@ -54,7 +54,9 @@ def main(argv):
 
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
-  from mcl_jax import checkpoint, config_lib, train, workdir  # pylint: disable=g-import-not-at-top
+  from mcl_jax import checkpoint, compile_cache, config_lib, train, workdir  # pylint: disable=g-import-not-at-top
+
+  compile_cache.enable()  # a resumed or repeated run loads its compiled programs
 
   logging.set_verbosity(logging.WARNING)
   with cli.user_errors(

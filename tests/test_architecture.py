@@ -26,6 +26,7 @@ LAYERS = (
             'mcl_jax.contrastive_augment',  # MoCo's views (self-supervised MCL)
             'mcl_jax.cli',  # the one error path of every command
             'mcl_jax.host_malloc',  # huge-page host malloc for CPU runs (main re-executes)
+            'mcl_jax.compile_cache',  # the persistent XLA compilation cache of the commands
             'mcl_jax.plot',  # curves from metrics.jsonl (the loop draws curves.png at the end)
         ),
     ),
