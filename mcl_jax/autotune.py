@@ -59,11 +59,7 @@ class Decision:
 def cache_path() -> str | None:
   """$MCL_JAX_AUTOTUNE_CACHE (empty: no cache), else $XDG_CACHE_HOME/mcl_jax/autotune.json, else
   ~/.cache/mcl_jax/autotune.json."""
-  path = os.environ.get(CACHE_ENV)
-  if path is not None:
-    return path or None
-  base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
-  return os.path.join(base, 'mcl_jax', 'autotune.json')
+  return compile_cache.user_cache_path(CACHE_ENV, 'autotune.json')
 
 
 def tuning_key(config, mesh, image_shape, compiler_options) -> dict:

@@ -41,13 +41,19 @@ def cpu_description() -> tuple[str, str]:
   return model, flags
 
 
-def cache_root() -> str | None:
-  """The cache's base directory (before the per-CPU split); None when switched off."""
-  path = os.environ.get(CACHE_ENV)
+def user_cache_path(env_var: str, name: str) -> str | None:
+  """`$env_var` when set (empty: None, i.e. switched off), else `$XDG_CACHE_HOME/mcl_jax/name`,
+  else `~/.cache/mcl_jax/name`. Shared by every per-machine cache of the library."""
+  path = os.environ.get(env_var)
   if path is not None:
     return path or None
   base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
-  return os.path.join(base, 'mcl_jax', 'xla')
+  return os.path.join(base, 'mcl_jax', name)
+
+
+def cache_root() -> str | None:
+  """The cache's base directory (before the per-CPU split); None when switched off."""
+  return user_cache_path(CACHE_ENV, 'xla')
 
 
 def cache_dir() -> str | None:
