@@ -102,6 +102,7 @@ class Progress:
       parts.append(f"{scalars['train/img_per_s']:.0f} img/s")
       parts.append(f'ETA {int(eta // 60)}m{int(eta % 60):02d}s')
     for name in sorted(scalars):
-      if name.startswith('eval/') and name.endswith('/top1'):
+      # (a method's further classifiers are in metrics.jsonl, only their best is shown here)
+      if name.startswith('eval/') and name.endswith('/top1') and '/classifier/' not in name:
         parts.append(f'{name[5:]} {scalars[name]:.2%}')
     return ' | '.join(parts)

@@ -250,19 +250,30 @@ def meta_program(method, backend: str | None = None) -> str:
   return program
 
 
-def make_eval_step(cohort, data_config):
-  """Returns `eval_step(params, batch_stats, batch) -> counts`.
+def make_eval_step(cohort, data_config, method=None):
+  """Returns `eval_step(params, batch_stats, batch, method_vars=None) -> counts`.
 
   batch: {'image': uint8, 'label': int32, 'mask': bool [B]} (mask pads the last batch).
   counts: per-peer correct top-1 / top-5 `[K]`, ensemble (mean logits) correct top-1, and the
-  number of valid examples; summed over batches by the caller.
+  number of valid examples; summed over batches by the caller. With a `method` whose
+  `has_eval_classifiers` and `method_vars` = (method params, method state): also 'classifiers',
+  {name: correct top-1} of its `eval_classifiers`.
   """
   mean, std = tuple(data_config.mean), tuple(data_config.std)
 
-  def eval_step(peer_params, batch_stats, batch):
+  def eval_step(peer_params, batch_stats, batch, method_vars=None):
     images = augment.normalize(batch['image'], mean, std)
     outputs, _ = cohort.apply(peer_params, batch_stats, images, train=False)
-    return eval_counts(outputs['logits'], batch)
+    counts = eval_counts(outputs['logits'], batch)
+    if method_vars is not None:
+      scores = method.eval_classifiers(*method_vars, outputs, cohort)
+      hits = {
+          name: jnp.argmax(s.astype(jnp.float32), axis=-1) == batch['label']
+          for name, s in scores.items()
+      }
+      mask = batch['mask'].astype(jnp.int32)
+      counts['classifiers'] = {name: jnp.sum(hit * mask) for name, hit in hits.items()}
+    return counts
 
   return eval_step
 

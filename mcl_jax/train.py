@@ -281,7 +281,7 @@ class Experiment:
             compiler_options=self.compiler_options,
         )
     self.eval_step = jax.jit(
-        step_lib.make_eval_step(self.cohort, self.aug),
+        step_lib.make_eval_step(self.cohort, self.aug, self.method),
         out_shardings=self.replicated,
         compiler_options=self.compiler_options,
     )
@@ -401,6 +401,8 @@ class Experiment:
     extra = ()
     if self.knn is not None:
       extra = (self.knn_bank(state) if knn_bank is None else knn_bank,)
+    elif self.method.has_eval_classifiers:
+      extra = ((state.params['method'], state.method_state),)
     totals = None
     for batch in self.eval_batches(test, self.eval_batch_size()):
       counts = self.eval_step(state.params['peers'], state.batch_stats, batch, *extra)
@@ -413,6 +415,11 @@ class Experiment:
       out[f'eval/peer_{k}/top5'] = totals['top5'][k] / n
     out['eval/ensemble/top1'] = totals['ensemble_top1'] / n
     out['eval/best_peer/top1'] = float(np.max(totals['top1'])) / n
+    if 'classifiers' in totals:  # the method's further classifiers (L-MCL's stages, aggregate)
+      for name, correct in totals['classifiers'].items():
+        out[f'eval/classifier/{name}/top1'] = correct / n
+      best = max([np.max(totals['top1'])] + list(totals['classifiers'].values()))
+      out['eval/best_classifier/top1'] = float(best) / n
     return {k: float(v) for k, v in out.items()}
 
   def evaluate_all(self, state) -> dict:

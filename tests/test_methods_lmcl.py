@@ -164,7 +164,7 @@ def test_hypergradient_matches_central_finite_differences():
           outer,
           coupling=WD,  # pylint: disable=protected-access
           second_order=second_order,
-          **kw
+          **kw,
       )
       np.testing.assert_allclose(
           jax.flatten_util.ravel_pytree(adjoint)[0], fd, rtol=1e-6, atol=1e-10
@@ -208,7 +208,7 @@ def test_second_order_rules_agree_under_jit_with_closed_over_arrays():
               mode=mode,
               remat=remat,
               second_order=order,
-              **kw
+              **kw,
           )
           for mode in meta.MODES
           for remat in (True, False)
@@ -253,7 +253,7 @@ def test_per_leaf_weight_decay_matches_finite_differences_and_the_adjoint():
         outer,
         weight_decay=wd_tree,  # pylint: disable=protected-access
         coupling=wd_tree,
-        **kw
+        **kw,
     )
     np.testing.assert_allclose(jax.flatten_util.ravel_pytree(adjoint)[0], fd, rtol=1e-6, atol=1e-10)
     uniform = meta.hypergradient(
@@ -515,6 +515,67 @@ def test_method_terms_match_references_on_heterogeneous_cohort():
   )
 
 
+def test_eval_classifiers_are_every_branch_and_the_aggregate_in_eval_mode():
+  """`eval_classifiers` (the authors' L-MCL test: every stage's classifier and the aggregated
+  logits) against per-peer flax applies in eval mode and a NumPy aggregator, and the eval step's
+  counts of them against NumPy (masked padding)."""
+  config = config_lib.base_config()
+  config.model.arch, config.cohort.num_peers = 'resnet8', 2
+  config.method = methods.config('lmcl', embed_dim=16)
+  cohort = cohort_lib.build_cohort(config.model, config.cohort, num_classes=4)
+  method = methods.build(config.method)
+  rng = np.random.default_rng(0)
+  batch = {
+      'image': rng.integers(0, 256, (12, 8, 8, 3), dtype=np.uint8),
+      'label': rng.integers(0, 4, 12).astype(np.int32),
+      'mask': np.arange(12) < 9,
+  }
+  peer_params, peer_stats = jax.jit(cohort.init)(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
+  params, state = jax.jit(lambda k: method.init(k, cohort, batch['label']))(jax.random.key(2))
+  # Non-trivial running statistics, so that eval mode (running stats) differs from train mode.
+  state['batch_stats'] = jax.tree.map(
+      lambda x: x + jnp.asarray(rng.uniform(0.1, 0.5, x.shape), x.dtype), state['batch_stats']
+  )
+  aug = types.SimpleNamespace(mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
+  images = (batch['image'] / 255.0 - np.array(aug.mean)) / np.array(aug.std)
+  outputs, _ = jax.jit(lambda p, s: cohort.apply(p, s, jnp.asarray(images), train=False))(
+      peer_params, peer_stats
+  )
+  scores = jax.jit(lambda p, s, o: method.eval_classifiers(p, s, o, cohort))(params, state, outputs)
+  expected = {}
+  for k in range(2):
+    at_k = lambda tree, k=k: jax.tree.map(lambda x: x[k], tree)  # noqa: E731
+    feats, logits = [], []
+    for first in (1, 2):
+      variables = {
+          'params': at_k(params['branches'][0][first - 1]),
+          'batch_stats': at_k(state['batch_stats'][0][first - 1]),
+      }
+      stage_map = jax.tree.map(lambda x: x[k], outputs['groups'][0]['stages'][first - 1])
+      branch = method.branch_model(cohort.groups[0], first).apply(variables, stage_map, train=False)
+      feats.append(np.asarray(branch['feature'], np.float64))
+      logits.append(np.asarray(branch['logits'], np.float64))
+      expected[f'peer_{k}_stage_{first - 1}'] = logits[-1]
+    feats.append(np.asarray(outputs['groups'][0]['feature'][k], np.float64))
+    logits.append(np.asarray(outputs['logits'][k], np.float64))
+    p = at_k(params['aggregator'][0])
+    hidden = np.maximum(np_dense(p['fc1'], np.concatenate(feats, axis=-1)), 0)
+    pi = np.exp(np_log_softmax(np_dense(p['fc2'], hidden)))
+    expected[f'peer_{k}_aggregated'] = sum(pi[:, s, None] * logits[s] for s in range(3))
+  assert set(scores) == set(expected)
+  for name, value in expected.items():
+    np.testing.assert_allclose(scores[name], value, rtol=1e-4, atol=1e-5, err_msg=name)
+  eval_step = jax.jit(step_lib.make_eval_step(cohort, aug, method))
+  counts = eval_step(peer_params, peer_stats, batch, (params, state))
+  for name, value in expected.items():
+    correct = np.sum((np.argmax(value, axis=-1) == batch['label']) & batch['mask'])
+    assert int(counts['classifiers'][name]) == correct, name
+  # Without the method's variables the step counts the peers only, as for every other method.
+  assert 'classifiers' not in jax.jit(step_lib.make_eval_step(cohort, aug))(
+      peer_params, peer_stats, batch
+  )
+
+
 def test_unit_weights_recover_plain_pair_terms():
   """K = 2, S = 1 with w = 1: every unordered pair is counted twice, so the L-MCL totals are
   2x MCL's vcl / soft_vcl / icl / soft_icl."""
@@ -714,6 +775,15 @@ def test_smoke_training_run_with_meta_step(tmp_path):
   assert 0 <= result['eval/best_peer/top1'] <= 1
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     rows = [json.loads(line) for line in f]
+  # The authors' metric beside ours: every branch and aggregate, and the best of all classifiers.
+  last = [r for r in rows if 'eval/best_peer/top1' in r][-1]
+  classifiers = [
+      last[f'eval/classifier/peer_{k}_{c}/top1']
+      for k in (0, 1)
+      for c in ('stage_0', 'stage_1', 'aggregated')
+  ]
+  best_peer = last['eval/best_peer/top1']
+  assert last['eval/best_classifier/top1'] == max(classifiers + [best_peer])
   logged = {k: v for row in rows for k, v in row.items() if k.startswith('train/')}
   assert {'train/ce_agg', 'train/kd', 'train/vcl', 'train/soft_icl'} <= set(logged)
   assert all(np.isfinite(v) for row in rows for v in row.values() if isinstance(v, float))

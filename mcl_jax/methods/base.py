@@ -148,6 +148,19 @@ class Method:
     """None: the loop evaluates the peers' classifiers; a `KnnEval`: k-nearest neighbours."""
     return None
 
+  # True when `eval_classifiers` gives further classifiers to evaluate beside the peers' own.
+  has_eval_classifiers = False
+
+  def eval_classifiers(self, params, state, outputs, cohort) -> dict:
+    """Further classifiers of the cohort, evaluated beside each peer's own (`outputs['logits']`):
+    {name: class scores `[B, C]`}, from the method's `params` and `state` and the peers' eval-mode
+    `outputs` (with 'groups' ... 'stages'). Logged as `eval/classifier/<name>/top1`, and the max
+    over them and the peers as `eval/best_classifier/top1` (L-MCL: every stage's classifier and
+    the aggregated logits, the number the authors' L-MCL code reports). Set
+    `has_eval_classifiers` when overriding."""
+    del params, state, outputs, cohort
+    return {}
+
   @classmethod
   def default_config(cls, name: str, **overrides) -> ml_collections.ConfigDict:
     """The `method` section for this method: `name`, then every hyper-parameter at its default,

@@ -326,6 +326,23 @@ class LMCL(Method):
       pis.append(heads.apply_stacked(StageAggregator(num_stages, d), p, concat))  # [K_g, B, S]
     return jnp.einsum('kbs,ksbc->kbc', jnp.concatenate(pis, axis=0), stages.logits)
 
+  has_eval_classifiers = True
+
+  def eval_classifiers(self, params, state, outputs, cohort):
+    """Every auxiliary branch's classifier and the aggregated logits of every peer, in eval mode:
+    'peer_<k>_stage_<s>' (s < S - 1; stage S - 1 is the peer itself) and 'peer_<k>_aggregated'.
+    The authors' L-MCL test reports the best of these and of the peers over all epochs
+    (`eval/best_classifier/top1`, max over evaluations)."""
+    stages, _ = self.stages(cohort, params['branches'], state['batch_stats'], outputs, train=False)
+    aggregated = self.aggregate(params['aggregator'], stages)
+    num_peers, num_stages = stages.logits.shape[:2]
+    scores = {}
+    for k in range(num_peers):
+      for s in range(num_stages - 1):
+        scores[f'peer_{k}_stage_{s}'] = stages.logits[k, s]
+      scores[f'peer_{k}_aggregated'] = aggregated[k]
+    return scores
+
   def contrast_indices(self, state, batch, rng):
     """Memory slots `[B, 1 + P + Q]` of this step (memory bank only, else None); the train and
     meta steps of one step draw the same slots (same `rng`)."""
