@@ -26,6 +26,9 @@ import statistics
 from mcl_jax import cli, methods, workdir as workdir_lib
 from mcl_jax.metrics import read_metrics
 
+# The authors' L-MCL metric: the best of every classifier (peers, branches, aggregate).
+BEST_CLASSIFIER = 'eval/best_classifier/top1'
+
 
 def run_summary(workdir: str) -> dict:
   workdir_lib.require(workdir, workdir_lib.CONFIG_NAME, 'metrics.jsonl')
@@ -49,6 +52,10 @@ def run_summary(workdir: str) -> dict:
       'final_ensemble': last['eval/ensemble/top1'],
       'final_train_mean_peer': (
           statistics.mean(last[k] for k in train_peers) if train_peers else None
+      ),
+      # The authors' L-MCL metric: the best of every classifier (branches, aggregate) and epoch.
+      'best_classifier': max(
+          (r[BEST_CLASSIFIER] for r in evals if BEST_CLASSIFIER in r), default=None
       ),
       'linear_peer0': linear.get(0),
       'linear_best_peer': max(linear.values()) if linear else None,
@@ -136,6 +143,7 @@ COLUMNS = [
 
 
 TRAIN_COLUMN = ('final_train_mean_peer', 'train set, mean peer (final)')
+CLASSIFIER_COLUMN = ('best_classifier', 'best classifier incl. branches (best)')
 LINEAR_COLUMNS = [
     ('linear_peer0', 'linear eval, peer 0'),
     ('linear_best_peer', 'linear eval, best peer'),
@@ -156,6 +164,8 @@ def columns_of(groups: dict[str, list[dict]]) -> list[tuple[str, str]]:
   columns = COLUMNS + (
       [TRAIN_COLUMN] if any(r['final_train_mean_peer'] is not None for r in runs_all) else []
   )
+  if any(r['best_classifier'] is not None for r in runs_all):
+    columns.append(CLASSIFIER_COLUMN)
   if any(r['linear_peer0'] is not None for r in runs_all):
     columns += LINEAR_COLUMNS
   return columns

@@ -91,6 +91,23 @@ def test_train_set_column_only_when_runs_evaluated_their_training_images(tmp_pat
   assert mcl.endswith('| 99.00 ± 0.71 |')  # mean over peers: 0.995, 0.985
 
 
+def test_best_classifier_column_only_when_a_run_logs_it(tmp_path):
+  """L-MCL's `eval/best_classifier/top1` (branches and aggregate too): the max over evaluations,
+  '—' for runs without it."""
+  dirs = [fake_run(tmp_path, 'a0', 0, 'mcl', [(0.80, 0.82, 0.83)])]
+  assert 'best classifier' not in report.table(dirs)
+  dirs.append(fake_run(tmp_path, 'b0', 0, 'lmcl', [(0.80, 0.82, 0.83), (0.84, 0.81, 0.85)]))
+  with open(os.path.join(dirs[1], 'metrics.jsonl')) as f:
+    rows = [json.loads(line) for line in f]
+  for row, best in zip(rows[1:], (0.86, 0.85)):
+    row['eval/best_classifier/top1'] = best
+  with open(os.path.join(dirs[1], 'metrics.jsonl'), 'w') as f:
+    f.writelines(json.dumps(row) + '\n' for row in rows)
+  header, _, mcl, lmcl = report.table(dirs).splitlines()
+  assert header.endswith('| best classifier incl. branches (best) |')
+  assert mcl.endswith('| — |') and lmcl.endswith('| 86.00 |')
+
+
 def test_metrics_file_exists_from_the_start_and_resume_drops_later_lines(tmp_path):
   """A run stopped before its first log point still leaves metrics.jsonl (empty: the report says
   there is no evaluation yet); a resume drops the lines logged after the restored step."""
