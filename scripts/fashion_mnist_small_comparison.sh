@@ -62,14 +62,14 @@ ablations() {
   # L-MCL ablations (results/lmcl_investigation.md).
   go lmcl_fixed_w_s$s --config $cfg:method=lmcl,seed=$s --config.method.meta_learned_weights=False
   go lmcl_no_branch_ce_s$s --config $cfg:method=lmcl,seed=$s --config.method.branch_ce=False
+  # The authors' meta frequency in this regime (first batch of every 7-step epoch): 200 updates
+  # of phi instead of 28; ~2x an L-MCL run's cost (a meta step costs ~7.5 L-MCL steps).
+  go lmcl_meta7_s$s --config $cfg:method=lmcl,seed=$s --config.method.meta_every_steps=7
   go lmcl_diagonal_s$s --config $cfg:method=lmcl,seed=$s --config.method.stage_pairs=diagonal
   # The contrastive sum over the 2 x 9 (peer pair, stage pair) combinations as a mean (/ 18).
   go lmcl_mean_s$s --config $cfg:method=lmcl,seed=$s --config.method.alpha=0.005555555555555556 \
       --config.method.beta=0.005555555555555556 --config.method.gamma=0.05555555555555555 \
       --config.method.lam=0.05555555555555555
-  # The authors' meta frequency in this regime (first batch of every 7-step epoch): 200 updates
-  # of phi instead of 28; ~2x an L-MCL run's cost (a meta step costs ~7.5 L-MCL steps).
-  go lmcl_meta7_s$s --config $cfg:method=lmcl,seed=$s --config.method.meta_every_steps=7
 }
 
 worker() {
