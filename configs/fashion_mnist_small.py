@@ -26,6 +26,21 @@ test accuracy has plateaued (83.6-84.4% from epoch 140 on; 84.0 / 84.2% at the e
 85.2%): a 15-point generalisation gap for the online methods to close. (Early eval-mode numbers
 swing at lr ~0.1: BatchNorm running statistics of a small set.)
 
+Every online method, seeds 0, 1, 2 (2026-11-30 to 2026-12-01; records in results/small/, the
+table with the reading in README "Small-data regime"): final mean-peer test top-1, and its
+difference from independent peers paired by seed (seeds ahead):
+
+| method | mean peer | - independent | train images, mean peer |
+|---|---|---|---|
+| independent | 84.33 +- 0.29 | | 99.88 |
+| DML | 85.22 +- 0.20 | +0.89 (3/3) | 98.70 |
+| MCL x2 | 84.80 +- 0.30 | +0.48 (3/3) | 99.62 |
+| MCL x4 (shared trunk, branches=4) | 84.72 +- 0.26 | +0.39 (2/3) | 99.04 |
+| MCL x2 + logit KD | 84.99 +- 0.30 | +0.66 (3/3) | 98.68 |
+| L-MCL x2 | 85.25 +- 0.36 | +0.92 (3/3) | 97.85 |
+| MCL-OKD | 84.99 +- 0.35 | +0.66 (3/3) | 99.72 |
+| MCL-OKD's branches, CE only | 84.40 +- 0.32 | +0.07 (1/3) | 99.80 |
+
 Arguments (`--config configs/fashion_mnist_small.py:method=mcl,branches=4,seed=1`): method
 (independent | dml | mcl | lmcl | mcl_okd), arch (default resnet8), peers (cohort size; for
 mcl_okd the number of branches of one `<arch>_okd<peers>` network), branches (MCL / DML /
