@@ -133,6 +133,16 @@ def mean_std(values) -> str:
   return f'{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}'
 
 
+def cell(runs: list[dict], key: str, group_size: int) -> str:
+  """mean ± std of `key` over `runs`; names the seeds when only some of the group's runs log it."""
+  if not runs:
+    return '—'
+  text = mean_std([r[key] for r in runs])
+  if len(runs) < group_size:
+    text += f" (seed {','.join(str(r['seed']) for r in sorted(runs, key=lambda r: r['seed']))})"
+  return text
+
+
 COLUMNS = [
     ('best_peer', 'best-peer top-1 (best)'),
     ('final_best_peer', 'best peer (final)'),
@@ -181,12 +191,7 @@ def table(workdirs) -> str:
   for name, runs in groups.items():
     seeds = ','.join(str(r['seed']) for r in sorted(runs, key=lambda r: r['seed']))
     steps = '/'.join(sorted({str(r['step']) for r in runs}))
-    cells = [
-        mean_std([r[key] for r in runs if r[key] is not None])
-        if any(r[key] is not None for r in runs)
-        else '—'
-        for key, _ in columns
-    ]
+    cells = [cell([r for r in runs if r[key] is not None], key, len(runs)) for key, _ in columns]
     lines.append(f'| {name} | {seeds} | {steps} | ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
 

@@ -499,6 +499,7 @@ def test_method_terms_match_references_on_heterogeneous_cohort():
       ce_agg=ce_agg,
       kd=kd,
       mean_w=w.mean(),
+      w_range=np.ptp(w.mean(axis=1)),
   )
   assert set(terms) == set(expected)
   for name, value in expected.items():
@@ -663,6 +664,7 @@ def test_lmcl_ablation_switches():
   assert default.meta_every_steps == 50
   np.testing.assert_allclose([ref['terms'][n] for n in names], pair_sum(lambda n: w[n]), rtol=2e-4)
   np.testing.assert_allclose(ref['terms']['mean_w'], w.mean(), rtol=1e-6)
+  np.testing.assert_allclose(ref['terms']['w_range'], np.ptp(w.mean(axis=1)), rtol=1e-5)
   assert 0.269 < w.min() and w.max() < 0.731
   np.testing.assert_allclose(ref['outer'], losses.ce_loss(ref['logits'], labels), rtol=1e-6)
   assert any(np.any(g != 0) for g in jax.tree.leaves(ref['phi_grad']))
@@ -672,6 +674,7 @@ def test_lmcl_ablation_switches():
   expected = pair_sum(lambda n: np.ones(8))
   np.testing.assert_allclose([got['terms'][n] for n in names], expected, rtol=2e-4)
   np.testing.assert_allclose(got['terms']['mean_w'], 1.0)
+  np.testing.assert_allclose(got['terms']['w_range'], 0.0)
   np.testing.assert_allclose(got['inner'], contrastive(expected), rtol=2e-4)
   assert all(np.all(g == 0) for g in jax.tree.leaves(got['phi_grad']))
 
@@ -681,13 +684,16 @@ def test_lmcl_ablation_switches():
   np.testing.assert_allclose([got['terms'][n] for n in names], expected, rtol=2e-4)
   on_diagonal = [n for n, (_, _, s, t) in enumerate(combos) if s == t]
   np.testing.assert_allclose(got['terms']['mean_w'], w[on_diagonal].mean(), rtol=1e-6)
+  np.testing.assert_allclose(
+      got['terms']['w_range'], np.ptp(w[on_diagonal].mean(axis=1)), rtol=1e-5
+  )
   np.testing.assert_allclose(got['inner'], contrastive(expected), rtol=2e-4)
 
   _, got, _ = lmcl_pieces(branch_ce=False)
   final_ce = losses.ce_loss(ref['logits'][:, -1:], labels)
   np.testing.assert_allclose(got['terms']['ce'], final_ce, rtol=1e-6)
   np.testing.assert_allclose(got['outer'], final_ce, rtol=1e-6)
-  for name in names + ('ce_agg', 'kd', 'mean_w'):
+  for name in names + ('ce_agg', 'kd', 'mean_w', 'w_range'):
     np.testing.assert_allclose(got['terms'][name], ref['terms'][name], rtol=1e-6, err_msg=name)
   np.testing.assert_allclose(got['total'], ref['total'] - ref['terms']['ce'] + final_ce, rtol=1e-6)
 

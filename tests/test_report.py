@@ -106,6 +106,10 @@ def test_best_classifier_column_only_when_a_run_logs_it(tmp_path):
   header, _, mcl, lmcl = report.table(dirs).splitlines()
   assert header.endswith('| best classifier incl. branches (best) |')
   assert mcl.endswith('| — |') and lmcl.endswith('| 86.00 |')
+  # A second seed of the group that predates the metric: the cell names the seed it covers.
+  dirs.append(fake_run(tmp_path, 'b1', 1, 'lmcl', [(0.80, 0.82, 0.83)]))
+  lmcl = report.table(dirs).splitlines()[3]
+  assert '| 0,1 |' in lmcl and lmcl.endswith('| 86.00 (seed 0) |')
 
 
 def test_metrics_file_exists_from_the_start_and_resume_drops_later_lines(tmp_path):

@@ -28,7 +28,8 @@ Otherwise the contrast is in-batch (CIFAR) with the class-balanced sampler.
 Ablation switches (docs/methods.md#l-mcl-ablation-switches; the defaults are the authors' method):
 `meta_learned_weights=False` (layer weights of 1, no meta step), `branch_ce=False` (CE of the final
 stage only, in the step and the meta step's outer objective), `stage_pairs='diagonal'` (only
-stage s of one peer with stage s of another). The step also logs `mean_w`, the mean layer weight.
+stage s of one peer with stage s of another). The step also logs `mean_w`, the mean layer weight, and `w_range`, its spread
+over the combinations.
 """
 
 from __future__ import annotations
@@ -298,12 +299,16 @@ class LMCL(Method):
       weights = weights.reshape(-1, batch)
     return weights
 
-  def mean_weight(self, weights, num_stages: int):
-    """Mean layer weight over the contrasted combinations and samples (logged as `mean_w`)."""
-    combos = weights.shape[0]
-    if self.config.get('stage_pairs', 'all') == 'diagonal':
-      combos //= num_stages  # s == t only
-    return jnp.sum(weights) / (combos * weights.shape[1])
+  def weight_summary(self, weights, num_stages: int) -> dict:
+    """Logged, not losses: `mean_w`, the mean layer weight over the contrasted combinations and
+    samples, and `w_range`, max - min over the contrasted combinations of each one's batch-mean
+    weight (≈ 0.1 at initialisation; it grows if meta-learning tells layer pairs apart)."""
+    per_combo = jnp.mean(weights, axis=1)  # [K (K-1) S^2]
+    if self.config.get('stage_pairs', 'all') == 'diagonal':  # s == t only
+      num_pairs = per_combo.shape[0] // num_stages**2
+      per_combo = per_combo.reshape(num_pairs, num_stages, num_stages)
+      per_combo = jnp.diagonal(per_combo, axis1=1, axis2=2).reshape(-1)
+    return {'mean_w': jnp.mean(per_combo), 'w_range': jnp.max(per_combo) - jnp.min(per_combo)}
 
   def classified_logits(self, stages: Stages):
     """The stage logits the CE terms see `[K, S or 1, B, C]`: every stage, or with
@@ -400,7 +405,7 @@ class LMCL(Method):
     kl_grid = jax.vmap(jax.vmap(losses.soft_kl, (None, 0, None)), (0, None, None))
     terms['kd'] = jnp.sum(kl_grid(final, aggregated, c.kd_T))
     total = terms['ce'] + terms['ce_agg'] + terms['kd'] + self.contrastive_loss(terms)
-    terms['mean_w'] = self.mean_weight(weights, stages.logits.shape[1])  # logged, not a loss
+    terms.update(self.weight_summary(weights, stages.logits.shape[1]))
     new_state = {**state, 'batch_stats': new_stats}
     if c.memory_bank:  # with the final-stage embeddings only (docs/methods.md#l-mcl-memory-bank)
       new_state['memory'] = losses.memory_update(
