@@ -11,7 +11,7 @@
 # again. WORKERS (default 1) runs that many at once (a run is claimed with flock, released when
 # its worker dies). Then it prints python -m mcl_jax.report results/small/* with the paired
 # differences against independent peers (--paired-with "· independent ·").
-# Each run takes up to ~15 min alone on a 2-core CPU (L-MCL the longest; lmcl_meta7 ~30 min),
+# Each run takes up to ~15 min alone on a 2-core CPU (L-MCL the longest; lmcl_meta7 ~22 min),
 # 39 runs in all.
 set -uo pipefail
 cd "$(dirname "$0")/.."
