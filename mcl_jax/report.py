@@ -133,13 +133,18 @@ def mean_std(values) -> str:
   return f'{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}'
 
 
+def seed_list(runs: list[dict]) -> str:
+  """The runs' seeds in order, comma-separated."""
+  return ','.join(str(seed) for seed in sorted(r['seed'] for r in runs))
+
+
 def cell(runs: list[dict], key: str, group_size: int) -> str:
   """mean ± std of `key` over `runs`; names the seeds when only some of the group's runs log it."""
   if not runs:
     return '—'
   text = mean_std([r[key] for r in runs])
   if len(runs) < group_size:
-    text += f" (seed {','.join(str(r['seed']) for r in sorted(runs, key=lambda r: r['seed']))})"
+    text += f' (seed {seed_list(runs)})'
   return text
 
 
@@ -189,7 +194,7 @@ def table(workdirs) -> str:
       '|---|---|---|' + '---|' * len(columns),
   ]
   for name, runs in groups.items():
-    seeds = ','.join(str(r['seed']) for r in sorted(runs, key=lambda r: r['seed']))
+    seeds = seed_list(runs)
     steps = '/'.join(sorted({str(r['step']) for r in runs}))
     cells = [cell([r for r in runs if r[key] is not None], key, len(runs)) for key, _ in columns]
     lines.append(f'| {name} | {seeds} | {steps} | ' + ' | '.join(cells) + ' |')
@@ -228,7 +233,7 @@ def paired_table(workdirs, reference: str) -> str:
           if r[key] is not None and ref[r['seed']][key] is not None
       ]
       cells.append(signed_mean_std(diffs) if diffs else '—')
-    seeds = ','.join(str(r['seed']) for r in paired)
+    seeds = seed_list(paired)
     lines.append(f'| {name} | {seeds} | ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
 

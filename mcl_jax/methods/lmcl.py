@@ -28,8 +28,8 @@ Otherwise the contrast is in-batch (CIFAR) with the class-balanced sampler.
 Ablation switches (docs/methods.md#l-mcl-ablation-switches; the defaults are the authors' method):
 `meta_learned_weights=False` (layer weights of 1, no meta step), `branch_ce=False` (CE of the final
 stage only, in the step and the meta step's outer objective), `stage_pairs='diagonal'` (only
-stage s of one peer with stage s of another). The step also logs `mean_w`, the mean layer weight, and `w_range`, its spread
-over the combinations.
+stage s of one peer with stage s of another). The step also logs `mean_w`, the mean layer weight,
+and `w_range`, its spread over the combinations.
 """
 
 from __future__ import annotations
