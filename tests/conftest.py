@@ -1,4 +1,7 @@
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 
@@ -8,9 +11,17 @@ from support import tiny_config
 # would take a decision cached there. tests/test_autotune.py points it at its own files.
 # Subprocesses inherit this.
 os.environ['MCL_JAX_AUTOTUNE_CACHE'] = ''
-# Nor its compilation cache (~/.cache/mcl_jax/xla): every test compiles its programs, and no
-# test sees another's half-written entry. tests/test_compile_cache.py points it at its own.
-os.environ['MCL_JAX_COMPILATION_CACHE'] = ''
+# Nor its compilation cache (~/.cache/mcl_jax/xla): each test process (an xdist worker) has a
+# fresh one of its own, removed at exit, that its subprocesses share (a resumed run, the CLI run
+# twice, the same tiny config in many tests compile the same programs). A cached program is the
+# same executable, so no result depends on the cache; one per worker so that no two test
+# processes write one directory at once. tests/test_compile_cache.py points it at its own.
+_CACHE = tempfile.mkdtemp(prefix='mcl_jax_test_xla_')
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+os.environ['MCL_JAX_COMPILATION_CACHE'] = _CACHE
+from mcl_jax import compile_cache  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+compile_cache.enable()  # the in-process tests too
 
 
 @pytest.fixture

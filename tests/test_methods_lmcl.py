@@ -321,8 +321,8 @@ def test_meta_program_auto_is_per_step_on_cpu_and_one_elsewhere():
 
 def test_meta_programs_on_a_mesh_equal_one_device(tmp_path):
   """Both meta programs on a (data 4, peer 2) mesh of 8 fake CPU devices (a subprocess,
-  tests/support/meta_programs_sharded.py), from the same state, move phi as the one program on 1
-  device and as each other, leave the rest of the state and keep every leaf's placement."""
+  tests/support/meta_programs_sharded.py), from the same state, move phi as the per-step program
+  on 1 device and as each other, leave the rest of the state and keep every leaf's placement."""
   out = str(tmp_path / 'results.json')
   proc = subprocess.run(
       [sys.executable, os.path.join(REPO, 'tests', 'support', 'meta_programs_sharded.py'), out],

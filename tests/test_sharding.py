@@ -42,7 +42,6 @@ HELPER = os.path.join(REPO, 'tests', 'support', 'sharding_equivalence.py')
 CASES = (
     '8x1:2:unroll',
     '4x2:2:unroll',
-    '8x1:4:vmap',
     '4x2:4:vmap',
     '2x4:4:vmap',
     '4x2:4:unroll:jit',

@@ -1,16 +1,19 @@
 """The L-MCL meta step on a (data 4, peer 2) mesh of 8 fake CPU devices, as one program and per
-step, against the one-program step on 1 device (run by tests/test_methods_lmcl.py in a subprocess,
-which reads the JSON this writes to argv[1]).
+step, against the per-step meta step on 1 device (run by tests/test_methods_lmcl.py in a
+subprocess, which reads the JSON this writes to argv[1]).
 
-Every meta step starts from the same state (one 1-device train step). float64 (model and state)
-and the sharding tests' data (no zero-padded crop, fixed noise): sharding reorders the reductions,
-and a ReLU input tied at 0 flips its gradient on round-off, which would move the hyper-gradient by
-far more than round-off (tests/support/sharding_equivalence.py). Per program: the largest
-difference of phi's movement from the reference's (and from the one program's on the mesh),
-relative to the reference's largest, whether every other leaf of the state is unchanged, and
-whether every leaf keeps its mesh placement. The method's own parameters (embedding heads, phi)
-stay float32 in a float64 model, so the mesh's reordered sums move phi by ~1e-4 of its movement
-(measured 6.4e-5 for both programs); the two programs on one mesh agree to ~1e-8.
+Every meta step starts from the same state: a fresh one at step 1 (the meta step follows a train
+step; no train step is run, to save its compile). The 1-device reference is the per-step round,
+which compiles in less time than the one program; tests/test_methods_lmcl.py checks the two
+programs against each other on 1 device. float64 (model and state) and the sharding tests' data
+(no zero-padded crop, fixed noise): sharding reorders the reductions, and a ReLU input tied at 0
+flips its gradient on round-off, which would move the hyper-gradient by far more than round-off
+(tests/support/sharding_equivalence.py). Per program: the largest difference of phi's movement
+from the reference's (and from the one program's on the mesh), relative to the reference's
+largest, whether every other leaf of the state is unchanged, and whether every leaf keeps its mesh
+placement. The method's own parameters (embedding heads, phi) stay float32 in a float64 model, so
+the mesh's reordered sums move phi by ~1e-4 of its movement (measured 6.4e-5 for both programs
+against the one program on 1 device); the two programs on one mesh agree to ~1e-8.
 """
 
 import json
@@ -80,10 +83,9 @@ def meta_round(exp, host_state):
 
 
 def main():
-  # The state after one 1-device train step; every meta step below starts from it.
-  single = experiment('one', jax.devices()[:1], 1, 1)
-  state, _ = single.train_step(single.init_state(), single.batch(0), single.frozen)
-  host_state = jax.device_get(state)
+  # A fresh state at step 1 (as after the first train step); every meta step below starts from it.
+  single = experiment('per_step', jax.devices()[:1], 1, 1)
+  host_state = jax.device_get(single.init_state().replace(step=np.asarray(1, np.int32)))
   reference, _, _ = meta_round(single, host_state)
   scale = max(float(np.max(np.abs(m))) for m in reference)
   difference = lambda x, y: max(  # noqa: E731
