@@ -14,8 +14,9 @@ os.environ['MCL_JAX_AUTOTUNE_CACHE'] = ''
 # Nor its compilation cache (~/.cache/mcl_jax/xla): each test process (an xdist worker) has a
 # fresh one of its own, removed at exit, that its subprocesses share (a resumed run, the CLI run
 # twice, the same tiny config in many tests compile the same programs). A cached program is the
-# same executable, so no result depends on the cache; one per worker so that no two test
-# processes write one directory at once. tests/test_compile_cache.py points it at its own.
+# same executable, so no result depends on the cache; one per worker so that two workers never
+# write one directory at once (two processes of one test still may: JAX then at worst warns and
+# compiles). tests/test_compile_cache.py points it at its own.
 _CACHE = tempfile.mkdtemp(prefix='mcl_jax_test_xla_')
 atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 os.environ['MCL_JAX_COMPILATION_CACHE'] = _CACHE
