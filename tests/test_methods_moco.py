@@ -275,7 +275,7 @@ def test_sharded_steps_equal_one_device(tmp_path):
   the peers' shard_map, the key encoders and the queues split over 'peer' give the 1-device
   states and metrics; the step traces once; checkpoints restore exactly."""
   out = str(tmp_path / 'moco_sharding.json')
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_backend_optimization_level=1')
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
   proc = subprocess.run(
       [sys.executable, os.path.join(REPO, 'tests', 'support', 'moco_sharding.py'), out],
       capture_output=True,

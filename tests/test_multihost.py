@@ -29,12 +29,7 @@ def _free_port() -> int:
 
 
 def _run_two_processes(workdir: str, stop_after: int) -> list[dict]:
-  env = dict(
-      os.environ,
-      JAX_PLATFORMS='cpu',
-      # LLVM -O1: faster CPU compiles (see test_sharding.py for why not -O0).
-      XLA_FLAGS='--xla_backend_optimization_level=1',
-  )
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
   port = str(_free_port())
   procs = [
       subprocess.Popen(
