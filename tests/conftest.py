@@ -9,7 +9,7 @@ import pytest
 # test starts: LLVM at -O1 without its expensive passes (XLA's HLO passes and fusion decisions are
 # unchanged, only the machine code is less optimised). The suite took 1430 s with these flags
 # against 1787 s with XLA's defaults (README's test command, one run each, 2026-12-02, one L-MCL
-# smoke run fewer in the first). The CI smoke run and every command keep XLA's defaults. Not -O0:
+# smoke run fewer in the second). The CI smoke run and every command keep XLA's defaults. Not -O0:
 # its code for the data-sharded ResNet backward differed from the 1-device run by ~1e-2 after one
 # step, where -O1 and the default agree to 1e-6 (tests/test_sharding.py). A caller's own
 # optimisation level in XLA_FLAGS is kept.
