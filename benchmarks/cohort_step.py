@@ -35,7 +35,9 @@ def optimizer():
   return optim.make_optimizer(config.optim, total_steps=10_000, steps_per_epoch=390)
 
 
-def build_step(arch, peers, method, strategy, batch, fast_path=True, num_classes=100):
+def build_step(
+    arch, peers, method, strategy, batch, fast_path=True, num_classes=100, cpu_kernels=None
+):
   config = config_lib.base_config()
   config.model.arch, config.cohort.num_peers, config.cohort.strategy = arch, peers, strategy
   config.method = methods.config(method)
@@ -46,7 +48,15 @@ def build_step(arch, peers, method, strategy, batch, fast_path=True, num_classes
   train_labels = np.arange(50_000, dtype=np.int32) % num_classes
   state = step_lib.create_state(cohort, meth, tx, jax.random.key(0), sample, train_labels)
   train_step = jax.jit(
-      step_lib.make_train_step(cohort, meth, tx, schedule, AUG, seed=0),
+      step_lib.make_train_step(
+          cohort,
+          meth,
+          tx,
+          schedule,
+          AUG,
+          seed=0,
+          cpu_kernels=fast_path if cpu_kernels is None else cpu_kernels,
+      ),
       donate_argnums=0,
       compiler_options=step_lib.compiler_options(enabled=fast_path),
   )

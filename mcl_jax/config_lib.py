@@ -61,6 +61,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every_steps = -1  # -1: once per epoch
   c.keep_checkpoints = 2
   c.xla_cpu_fast_path = True  # CPU compile option of mcl_jax.step.CPU_COMPILER_OPTIONS
+  # Native weight gradients of 3x3 convolutions in the train step on a 1-device CPU run
+  # (mcl_jax.kernels; used only where they build and the CPU has AVX-512).
+  c.cpu_kernels = True
   return c
 
 
@@ -285,6 +288,12 @@ def problems(c: ml_collections.ConfigDict, num_devices: int | None = None) -> li
   peer = c.mesh.peer
   data_axis = c.mesh.data if c.mesh.data > 0 else num_devices // max(peer, 1)
   check(peer >= 1, 'mesh.peer', peer, 'must be >= 1')
+  check(
+      isinstance(c.get('cpu_kernels', True), bool),
+      'cpu_kernels',
+      c.get('cpu_kernels'),
+      'must be True or False',
+  )
   check(
       isinstance(c.mesh.get('peer_shard_map', True), bool),
       'mesh.peer_shard_map',

@@ -17,7 +17,7 @@ import optax
 
 from jax.sharding import PartitionSpec as P
 
-from mcl_jax import augment, losses, meta, sharding
+from mcl_jax import augment, kernels, losses, meta, sharding
 
 # XLA:CPU fuses the residual BN/add/ReLU chains into the transposes feeding weight-gradient convs
 # and recomputes them there; routing elementwise ops and reductions through YNNPACK materialises
@@ -134,16 +134,22 @@ def augmented_batch(batch, step, seed: int, aug, method=None):
   return {**batch, **views}, method_key
 
 
-def make_train_step(cohort, method, tx, schedule, aug, seed: int):
+def make_train_step(cohort, method, tx, schedule, aug, seed: int, cpu_kernels: bool = False):
   """Returns the un-jitted `train_step(state, batch, frozen) -> (new_state, metrics)`.
 
   batch: {'image': uint8 [B, H, W, C], 'label': int32 [B], 'index': int32 [B] (position in the
   training set; used by memory banks)}; frozen: the method's frozen variables or None.
   metrics: scalars `loss`, one per method term, `lr`, and `finite` (whether every term, the new
   params and the new BatchNorm statistics are finite; the loop stops on False).
+  cpu_kernels: trace the step with `mcl_jax.kernels.use(True)` (native weight gradients of the
+  convolutions that qualify; `cpu_kernels_enabled` says where).
   """
 
   def train_step(state: TrainState, batch, frozen=None):
+    with kernels.use(cpu_kernels):
+      return _train_step(state, batch, frozen)
+
+  def _train_step(state: TrainState, batch, frozen=None):
     batch, method_key = augmented_batch(batch, state.step, seed, aug, method)
 
     def loss_fn(params):

@@ -224,6 +224,8 @@ class Experiment:
     self.replicated = sharding.replicated(self.mesh)
 
     self.compiler_options = step_lib.compiler_options(enabled=config.xla_cpu_fast_path)
+    # One device only: XLA cannot partition a custom call, so a mesh keeps lax's convolutions.
+    self.cpu_kernels = bool(config.get('cpu_kernels', True)) and self.mesh.size == 1
     self.frozen = jax.device_put(self.method.load_frozen(config), self.replicated)
     self._take = jax.jit(
         lambda images, labels, idx: {'image': images[idx], 'label': labels[idx], 'index': idx},
@@ -316,7 +318,13 @@ class Experiment:
     """The run's jitted (donated, sharded) train step, applying the peers as `cohort` says."""
     return jax.jit(
         step_lib.make_train_step(
-            cohort, self.method, self.tx, self.schedule, self.aug, self.config.seed
+            cohort,
+            self.method,
+            self.tx,
+            self.schedule,
+            self.aug,
+            self.config.seed,
+            cpu_kernels=self.cpu_kernels,
         ),
         in_shardings=(self.state_sharding, self.batch_sharding, self.replicated),
         out_shardings=(self.state_sharding, self.replicated),

@@ -30,6 +30,8 @@ os.environ['MCL_JAX_AUTOTUNE_CACHE'] = ''
 _CACHE = tempfile.mkdtemp(prefix='mcl_jax_test_xla_')
 atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 os.environ['MCL_JAX_COMPILATION_CACHE'] = _CACHE
+# Nor its kernel builds (~/.cache/mcl_jax/kernels, mcl_jax.kernels): the same directory.
+os.environ['MCL_JAX_KERNEL_CACHE'] = _CACHE
 from mcl_jax import compile_cache  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 compile_cache.enable()  # the in-process tests too

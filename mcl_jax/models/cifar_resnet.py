@@ -18,6 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mcl_jax import kernels
+
 Dtype = Any
 
 # torch.nn.init.kaiming_normal_(mode='fan_out', nonlinearity='relu'), as torchvision and the authors:
@@ -42,6 +44,8 @@ def conv(
       kernel_init=KAIMING_FAN_OUT,
       dtype=dtype,
       name=name,
+      # lax's convolution unless a train step enables the CPU kernels (mcl_jax.kernels)
+      conv_general_dilated=kernels.conv_general_dilated,
   )
 
 
