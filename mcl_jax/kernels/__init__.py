@@ -167,9 +167,7 @@ def _is_nhwc_hwio(dimension_numbers, ndim: int) -> bool:
   if dimension_numbers is None:
     return False
   if isinstance(dimension_numbers, lax.ConvDimensionNumbers):
-    expected = lax.conv_dimension_numbers(
-        (1,) * ndim, (1,) * ndim, ('NHWC', 'HWIO', 'NHWC')
-    )
+    expected = lax.conv_dimension_numbers((1,) * ndim, (1,) * ndim, ('NHWC', 'HWIO', 'NHWC'))
     return tuple(dimension_numbers) == tuple(expected)
   return tuple(dimension_numbers) == ('NHWC', 'HWIO', 'NHWC')
 

@@ -1,0 +1,179 @@
+"""mcl_jax.kernels: the native weight gradient equals lax's (values and gradients, every 3x3 shape
+of the zoo's output widths), is chosen only where it applies, is deterministic, and the train step
+that uses it equals the one that does not to round-off."""
+
+import os
+import subprocess
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from mcl_jax import kernels
+
+pytestmark = pytest.mark.skipif(
+    not kernels.available(), reason=f'CPU kernels unavailable: {kernels.unavailable_reason()}'
+)
+
+NHWC = ('NHWC', 'HWIO', 'NHWC')
+
+
+def _lax_conv(x, w):
+  return lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=NHWC)
+
+
+def _numpy_weight_grad(x, g):
+  """dW[kh, kw, c, o] = sum_{n,h,w} xpad[n, h + kh, w + kw, c] g[n, h, w, o], in float64."""
+  x, g = np.asarray(x, np.float64), np.asarray(g, np.float64)
+  n, h, w, _ = x.shape
+  xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  return np.stack(
+      [
+          np.stack([np.einsum('nhwc,nhwo->co', xp[:, i : i + h, j : j + w], g) for j in range(3)])
+          for i in range(3)
+      ]
+  )
+
+
+@pytest.mark.parametrize(
+    'n,hw,c,o',
+    [
+        (4, (8, 8), 3, 16),
+        (3, (7, 5), 16, 16),
+        (2, (6, 6), 20, 32),
+        (5, (4, 4), 64, 64),
+        (1, (3, 9), 7, 48),
+        (2, (5, 5), 33, 128),
+        (9, (1, 1), 16, 16),
+    ],
+)
+def test_weight_gradient_equals_numpy(n, hw, c, o):
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((n, *hw, c)).astype(np.float32)
+  g = rng.standard_normal((n, *hw, o)).astype(np.float32)
+  got = jax.jit(kernels.conv3x3_weight_grad)(x, g)
+  np.testing.assert_allclose(got, _numpy_weight_grad(x, g), rtol=1e-5, atol=1e-4)
+
+
+def test_custom_vjp_values_and_gradients_equal_lax():
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.standard_normal((6, 9, 9, 16)), jnp.float32)
+  w = jnp.asarray(0.1 * rng.standard_normal((3, 3, 16, 32)), jnp.float32)
+  loss = lambda conv: lambda x, w: jnp.sum(jnp.tanh(conv(x, w)) ** 2)  # noqa: E731
+  chex.assert_trees_all_equal(kernels.conv3x3(x, w), _lax_conv(x, w))
+  got = jax.jit(jax.grad(loss(kernels.conv3x3), (0, 1)))(x, w)
+  want = jax.jit(jax.grad(loss(_lax_conv), (0, 1)))(x, w)
+  chex.assert_trees_all_equal(got[0], want[0])  # the input gradient is lax's own
+  chex.assert_trees_all_close(got[1], want[1], rtol=2e-5, atol=1e-5)
+
+
+def test_vmapped_over_peers_equals_per_peer():
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.standard_normal((3, 4, 8, 8, 16)), jnp.float32)
+  g = jnp.asarray(rng.standard_normal((3, 4, 8, 8, 32)), jnp.float32)
+  got = jax.vmap(kernels.conv3x3_weight_grad)(x, g)
+  for k in range(3):
+    chex.assert_trees_all_equal(got[k], kernels.conv3x3_weight_grad(x[k], g[k]))
+
+
+def test_deterministic():
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.standard_normal((32, 16, 16, 32)), jnp.float32)
+  g = jnp.asarray(rng.standard_normal((32, 16, 16, 32)), jnp.float32)
+  first = np.asarray(kernels.conv3x3_weight_grad(x, g))
+  for _ in range(3):
+    np.testing.assert_array_equal(kernels.conv3x3_weight_grad(x, g), first)
+
+
+def _uses_kernel(fn, *args) -> bool:
+  # A new function each time: jit's trace cache does not key on the `use` context.
+  traced = jax.jit(lambda *a: fn(*a)).lower(*args)  # pylint: disable=unnecessary-lambda
+  return kernels._TARGET in traced.as_text()  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize(
+    'shape,kernel,kwargs,expected',
+    [
+        ((2, 8, 8, 16), (3, 3, 16, 32), {}, True),
+        ((2, 8, 8, 16), (3, 3, 16, 32), {'padding': 'SAME'}, True),
+        ((2, 8, 8, 16), (3, 3, 16, 32), {'window_strides': (2, 2)}, False),
+        ((2, 8, 8, 16), (1, 1, 16, 32), {'padding': ((0, 0), (0, 0))}, False),
+        ((2, 8, 8, 16), (3, 3, 16, 24), {}, False),  # no register tiling for 24 outputs
+        ((2, 8, 8, 16), (3, 3, 8, 32), {'feature_group_count': 2}, False),
+        ((2, 8, 8, 16), (3, 3, 16, 32), {'padding': ((0, 0), (0, 0))}, False),
+        ((2, 8, 8, 16), (3, 3, 16, 32), {'rhs_dilation': (2, 2)}, False),
+    ],
+)
+def test_only_qualifying_convolutions_use_the_kernel(shape, kernel, kwargs, expected):
+  args = dict(window_strides=(1, 1), padding=((1, 1), (1, 1)), dimension_numbers=NHWC)
+  args.update(kwargs)
+  x, w = jnp.zeros(shape), jnp.zeros(kernel)
+  loss = lambda x, w: kernels.conv_general_dilated(x, w, **args).sum()  # noqa: E731
+  grad = jax.grad(loss, 1)
+  assert not _uses_kernel(grad, x, w)  # off unless enabled
+  with kernels.use(True):
+    assert _uses_kernel(grad, x, w) == expected
+    assert not _uses_kernel(grad, x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+    if expected:  # forward mode is not defined: the L-MCL meta step traces outside `use(True)`
+      with pytest.raises(TypeError, match='custom_vjp'):
+        jax.jvp(lambda w: loss(x, w), (w,), (w,))
+
+
+def test_mcl_train_step_with_kernels_equals_lax():
+  """The MCL train step of a ResNet-8 pair: with the kernels the same loss and, to round-off, the
+  same new params as with lax's convolutions; only the enabled step calls the kernel."""
+  from mcl_jax import cohort as cohort_lib, config_lib, methods, optim, step as step_lib  # pylint: disable=import-outside-toplevel
+
+  config = config_lib.base_config()
+  config.model.arch, config.cohort.num_peers = 'resnet8', 2
+  config.method = methods.config('mcl')
+  cohort = cohort_lib.build_cohort(config.model, config.cohort, 10)
+  method = methods.build(config.method)
+  tx, schedule = optim.make_optimizer(config.optim, total_steps=100, steps_per_epoch=10)
+  aug = config_lib.ml_collections.ConfigDict(
+      dict(mean=(0.5,) * 3, std=(0.25,) * 3, crop_padding=2, flip=True)
+  )
+  labels = np.arange(64, dtype=np.int32) % 10
+  state = step_lib.create_state(
+      cohort, method, tx, jax.random.key(0), jnp.zeros((1, 16, 16, 3)), labels
+  )
+  rng = np.random.default_rng(0)
+  batch = {
+      'image': jnp.asarray(rng.integers(0, 256, (16, 16, 16, 3), dtype=np.uint8)),
+      'label': jnp.asarray(labels[:16]),
+      'index': jnp.arange(16, dtype=jnp.int32),
+  }
+  steps = {
+      enabled: jax.jit(
+          step_lib.make_train_step(cohort, method, tx, schedule, aug, 0, cpu_kernels=enabled)
+      )
+      for enabled in (False, True)
+  }
+  assert _uses_kernel(steps[True], state, batch) and not _uses_kernel(steps[False], state, batch)
+  new = {enabled: fn(state, batch) for enabled, fn in steps.items()}
+  chex.assert_trees_all_close(new[True][1]['loss'], new[False][1]['loss'], rtol=1e-6)
+  chex.assert_trees_all_close(new[True][0].params, new[False][0].params, rtol=1e-4, atol=1e-6)
+
+
+def test_unavailable_without_a_compiler(tmp_path):
+  """No compiler: `available()` is False with the reason, and the convolution is lax's."""
+  code = (
+      'import jax, jax.numpy as jnp\n'
+      'from mcl_jax import kernels\n'
+      'print(kernels.available(), kernels.unavailable_reason())\n'
+      'with kernels.use(True):\n'
+      '  f = jax.grad(lambda w: kernels.conv_general_dilated(jnp.ones((1, 4, 4, 16)), w, (1, 1),'
+      ' "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")).sum())\n'
+      '  print(jax.jit(f)(jnp.ones((3, 3, 16, 16))).shape)\n'
+  )
+  env = {**os.environ, 'PATH': str(tmp_path), 'CXX': '', 'MCL_JAX_KERNEL_CACHE': str(tmp_path)}
+  out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True)
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.splitlines() == [
+      'False no C++ compiler (g++ or $CXX) to build them',
+      '(3, 3, 16, 16)',
+  ]
