@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mcl_jax import cohort as cohort_lib, config_lib, methods, optim, step as step_lib
+from mcl_jax import cohort as cohort_lib, config_lib, kernels, methods, optim, step as step_lib
 
 # CIFAR-shaped on-device augmentation of every benchmark step.
 AUG = config_lib.ml_collections.ConfigDict(
@@ -153,11 +153,22 @@ def main(argv=None):
       help='compile without the XLA:CPU option of mcl_jax.step.CPU_COMPILER_OPTIONS',
   )
   ap.add_argument(
+      '--no-cpu-kernels',
+      action='store_true',
+      help="lax's convolutions only (not mcl_jax.kernels' native weight gradients)",
+  )
+  ap.add_argument(
       '--breakdown', action='store_true', help='also time forward and forward+backward alone'
   )
   args = ap.parse_args(argv)
   cohort, state, train_step, data = build_step(
-      args.arch, args.peers, args.method, args.strategy, args.batch, fast_path=not args.no_fast_path
+      args.arch,
+      args.peers,
+      args.method,
+      args.strategy,
+      args.batch,
+      fast_path=not args.no_fast_path,
+      cpu_kernels=not args.no_fast_path and not args.no_cpu_kernels,
   )
   parts = (
       breakdown(cohort, state, data, args.steps, not args.no_fast_path) if args.breakdown else {}
@@ -175,6 +186,9 @@ def main(argv=None):
               'resolved_strategy': cohort.strategy,
               'backend': jax.default_backend(),
               'fast_path': not args.no_fast_path,
+              'cpu_kernels': not args.no_fast_path
+              and not args.no_cpu_kernels
+              and kernels.available(),
               'step_ms_median': round(statistics.median(times), 1),
               'step_ms_min': round(min(times), 1),
               'compile_s': round(compile_s, 1),

@@ -2,12 +2,14 @@
 
 On this jaxlib, XLA:CPU computes the weight gradient of a convolution as another convolution that
 Eigen runs 2-3x slower than the forward pass of the same FLOPs, behind layout transposes of the
-activations (docs/performance.md). `conv_general_dilated` is a drop-in for
+activations, and runs convolutions with few channels (the 16 of a CIFAR ResNet's first stage) at
+half the speed of wider ones (docs/performance.md). `conv_general_dilated` is a drop-in for
 `jax.lax.conv_general_dilated` (Flax's `nn.Conv(conv_general_dilated=...)`) that, while
-`use(True)` is in force at trace time, computes the weight gradient of every 3x3, stride-1,
-SAME-padded float32 NHWC convolution with an AVX-512 kernel (`conv3x3.cc`, an XLA FFI handler),
-and leaves the forward pass and the input gradient to XLA. Anything else (other shapes, strides,
-groups, dtypes, forward-mode differentiation, other backends) is `lax`'s convolution.
+`use(True)` is in force at trace time, computes every 3x3, stride-1, SAME-padded float32 NHWC
+convolution with 16, 32, 48, 64 or 128 output channels, its weight gradient and (with as many
+input channels) its input gradient with AVX-512 kernels (`conv3x3.cc`, XLA FFI handlers).
+Anything else (other shapes, strides, groups, dtypes, forward-mode differentiation, other
+backends) is `lax`'s convolution.
 
 The kernel is compiled from the source shipped in this package the first time it is needed (g++,
 `-O3 -mavx512f -mfma`, the XLA FFI headers of the installed jaxlib), into
@@ -38,6 +40,7 @@ from jax import lax
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'conv3x3.cc')
 _TARGET = 'mcl_jax_conv3x3_weight_grad'
+_FORWARD_TARGET = 'mcl_jax_conv3x3_forward'
 _FLAGS = ('-O3', '-mavx512f', '-mfma', '-std=c++17', '-shared', '-fPIC', '-pthread')
 # Output channels the kernel has a register tiling for (mcl_jax/kernels/conv3x3.cc: ChunkFor).
 OUTPUT_CHANNELS = (16, 32, 48, 64, 128)
@@ -119,6 +122,9 @@ def available() -> bool:
       jax.ffi.register_ffi_target(
           _TARGET, jax.ffi.pycapsule(library.Conv3x3WeightGrad), platform='cpu'
       )
+      jax.ffi.register_ffi_target(
+          _FORWARD_TARGET, jax.ffi.pycapsule(library.Conv3x3Forward), platform='cpu'
+      )
       return True
     except (OSError, subprocess.CalledProcessError) as e:
       detail = getattr(e, 'stderr', '') or str(e)
@@ -138,25 +144,48 @@ def _conv(x, w):
   )
 
 
+def _require() -> None:
+  if not available():
+    raise RuntimeError(f'mcl_jax CPU kernels are unavailable: {unavailable_reason()}')
+
+
 def conv3x3_weight_grad(x, g):
   """dW [3, 3, C, O] of `_conv(x, w)` for the cotangent g [N, H, W, O]: the native kernel."""
+  _require()
   out = jax.ShapeDtypeStruct((3, 3, x.shape[-1], g.shape[-1]), jnp.float32)
   return jax.ffi.ffi_call(_TARGET, out, vmap_method='sequential')(x, g)
 
 
+def conv3x3_forward(x, w):
+  """`_conv(x, w)` [N, H, W, O] by the native kernel."""
+  _require()
+  out = jax.ShapeDtypeStruct(x.shape[:-1] + (w.shape[-1],), jnp.float32)
+  return jax.ffi.ffi_call(_FORWARD_TARGET, out, vmap_method='sequential')(x, w)
+
+
+def conv3x3_input_grad(g, w):
+  """dx [N, H, W, C] of `_conv(x, w)` for the cotangent g: the forward kernel applied to g with
+  the kernel flipped in space and its channels swapped (needs C among `OUTPUT_CHANNELS`)."""
+  return conv3x3_forward(g, jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2))
+
+
 @jax.custom_vjp
 def conv3x3(x, w):
-  """A 3x3, stride-1, SAME NHWC/HWIO convolution whose weight gradient is the native kernel."""
-  return _conv(x, w)
+  """A 3x3, stride-1, SAME NHWC/HWIO convolution computed by the native kernels (forward, weight
+  gradient, and input gradient where the input has a supported number of channels)."""
+  return conv3x3_forward(x, w)
 
 
 def _conv3x3_fwd(x, w):
-  return _conv(x, w), (x, w)
+  return conv3x3_forward(x, w), (x, w)
 
 
 def _conv3x3_bwd(residuals, g):
   x, w = residuals
-  (dx,) = jax.vjp(lambda x: _conv(x, w), x)[1](g)
+  if x.shape[-1] in OUTPUT_CHANNELS:
+    dx = conv3x3_input_grad(g, w)
+  else:  # e.g. the 3 channels of an image: lax's (and dropped by XLA when, as there, unused)
+    (dx,) = jax.vjp(lambda x: _conv(x, w), x)[1](g)
   return dx, conv3x3_weight_grad(x, g)
 
 
