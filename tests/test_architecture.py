@@ -28,6 +28,7 @@ LAYERS = (
             'mcl_jax.host_malloc',  # huge-page host malloc for CPU runs (main re-executes)
             'mcl_jax.compile_cache',  # the persistent XLA compilation cache of the commands
             'mcl_jax.plot',  # curves from metrics.jsonl (the loop draws curves.png at the end)
+            'mcl_jax.kernels',  # native CPU convolutions behind custom VJPs (the train step)
         ),
     ),
     ('models and losses', ('mcl_jax.models', 'mcl_jax.losses', 'mcl_jax.heads')),
