@@ -68,6 +68,9 @@ def classify(hlo: str) -> dict:
     if op == 'convolution':
       kinds[name] = 'eigen conv (dispatch)'
       continue
+    if op == 'custom-call' and 'mcl_jax_conv3x3' in line:
+      kinds[name] = 'native conv (mcl_jax.kernels)'
+      continue
     if op != 'fusion':
       kinds[name] = 'other'
       continue
