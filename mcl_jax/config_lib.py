@@ -61,8 +61,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every_steps = -1  # -1: once per epoch
   c.keep_checkpoints = 2
   c.xla_cpu_fast_path = True  # CPU compile option of mcl_jax.step.CPU_COMPILER_OPTIONS
-  # Native 3x3 convolutions (AVX-512, their gradients too) in the train step of a 1-device CPU run
-  # (mcl_jax.kernels; used only where they build and the CPU has AVX-512).
+  # Native 3x3 convolutions (AVX-512, their gradients too) in the train and eval steps of a
+  # 1-device CPU run (mcl_jax.kernels; used only where they build and the CPU has AVX-512).
   c.cpu_kernels = True
   return c
 

@@ -256,18 +256,23 @@ def meta_program(method, backend: str | None = None) -> str:
   return program
 
 
-def make_eval_step(cohort, data_config, method=None):
+def make_eval_step(cohort, data_config, method=None, cpu_kernels: bool = False):
   """Returns `eval_step(params, batch_stats, batch, method_vars=None) -> counts`.
 
   batch: {'image': uint8, 'label': int32, 'mask': bool [B]} (mask pads the last batch).
   counts: per-peer correct top-1 / top-5 `[K]`, ensemble (mean logits) correct top-1, and the
   number of valid examples; summed over batches by the caller. With a `method` whose
   `has_eval_classifiers` and `method_vars` = (method params, method state): also 'classifiers',
-  {name: correct top-1} of its `eval_classifiers`.
+  {name: correct top-1} of its `eval_classifiers`. cpu_kernels: as `make_train_step`'s (here
+  only the forward kernel runs).
   """
   mean, std = tuple(data_config.mean), tuple(data_config.std)
 
   def eval_step(peer_params, batch_stats, batch, method_vars=None):
+    with kernels.use(cpu_kernels):
+      return _eval_step(peer_params, batch_stats, batch, method_vars)
+
+  def _eval_step(peer_params, batch_stats, batch, method_vars=None):
     images = augment.normalize(batch['image'], mean, std)
     outputs, _ = cohort.apply(peer_params, batch_stats, images, train=False)
     counts = eval_counts(outputs['logits'], batch)

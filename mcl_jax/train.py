@@ -283,7 +283,7 @@ class Experiment:
             compiler_options=self.compiler_options,
         )
     self.eval_step = jax.jit(
-        step_lib.make_eval_step(self.cohort, self.aug, self.method),
+        step_lib.make_eval_step(self.cohort, self.aug, self.method, cpu_kernels=self.cpu_kernels),
         out_shardings=self.replicated,
         compiler_options=self.compiler_options,
     )

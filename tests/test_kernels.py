@@ -148,9 +148,10 @@ def test_only_qualifying_convolutions_use_the_kernel(shape, kernel, kwargs, expe
         jax.jvp(lambda w: loss(x, w), (w,), (w,))
 
 
-def test_mcl_train_step_with_kernels_equals_lax():
+def test_mcl_train_and_eval_steps_with_kernels_equal_lax():
   """The MCL train step of a ResNet-8 pair: with the kernels the same loss and, to round-off, the
-  same new params as with lax's convolutions; only the enabled step calls the kernel."""
+  same new params as with lax's convolutions; only the enabled step calls the kernel. The eval
+  step: the same counts."""
   from mcl_jax import cohort as cohort_lib, config_lib, methods, optim, step as step_lib  # pylint: disable=import-outside-toplevel
 
   config = config_lib.base_config()
@@ -182,6 +183,16 @@ def test_mcl_train_step_with_kernels_equals_lax():
   new = {enabled: fn(state, batch) for enabled, fn in steps.items()}
   chex.assert_trees_all_close(new[True][1]['loss'], new[False][1]['loss'], rtol=1e-6)
   chex.assert_trees_all_close(new[True][0].params, new[False][0].params, rtol=1e-4, atol=1e-6)
+  # The eval step: the forward kernel, the same counts (logits within round-off).
+  evals = {
+      enabled: jax.jit(step_lib.make_eval_step(cohort, aug, method, cpu_kernels=enabled))
+      for enabled in (False, True)
+  }
+  args = (state.params['peers'], state.batch_stats, {**batch, 'mask': jnp.ones(16, bool)})
+  forward = kernels._FORWARD_TARGET  # pylint: disable=protected-access
+  assert forward in jax.jit(evals[True]).lower(*args).as_text()
+  assert forward not in jax.jit(evals[False]).lower(*args).as_text()
+  chex.assert_trees_all_equal(evals[True](*args), evals[False](*args))
 
 
 def test_unavailable_without_a_compiler(tmp_path):

@@ -44,7 +44,7 @@ def conv(
       kernel_init=KAIMING_FAN_OUT,
       dtype=dtype,
       name=name,
-      # lax's convolution unless a train step enables the CPU kernels (mcl_jax.kernels)
+      # lax's convolution unless the train or eval step enables the CPU kernels (mcl_jax.kernels)
       conv_general_dilated=kernels.conv_general_dilated,
   )
 
