@@ -18,7 +18,9 @@ compiler). Where that is not possible (no compiler, no AVX-512, a failed build) 
 False with the reason in `unavailable_reason()`, and everything runs on `lax`.
 
 Forward-mode differentiation (`jax.jvp`, used by the L-MCL meta step) is not defined for a
-`custom_vjp` function: trace such programs outside `use(True)` (the default).
+`custom_vjp` function: trace such programs outside `use(True)` (the default). The choice is made
+at trace time and `jax.jit` caches a function's trace whatever the context, so set `use` inside
+the traced function (as `mcl_jax.step` does), never around the call of a jitted one.
 """
 
 from __future__ import annotations
@@ -241,7 +243,7 @@ def qualifies(
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, *args, **kwargs):
-  """`jax.lax.conv_general_dilated`, with the native weight gradient where it applies (above)."""
+  """`jax.lax.conv_general_dilated`, computed by the native kernels where they apply (above)."""
   if _enabled.get() and qualifies(lhs, rhs, window_strides, padding, *args, **kwargs):
     if available():
       return conv3x3(lhs, rhs)
